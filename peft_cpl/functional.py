@@ -1,0 +1,112 @@
+"""The sparse-delta math as plain functions on tensors, used by every CPL layer.
+
+A delta is (indices, values): sorted flat coordinates into the base weight as stored, and one value each. The
+autograd function below never keeps a dense weight-sized tensor alive between forward and backward: the effective
+weight is rebuilt where it is needed and the dense weight gradient exists only inside the layer's backward, where it
+is gathered down to the support.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def scatter_delta(
+    shape: torch.Size | tuple[int, ...],
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    base: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Dense `base + delta` (or the delta alone when `base` is None) as a new tensor."""
+    dtype = dtype or (base.dtype if base is not None else values.dtype)
+    if base is None:
+        dense = torch.zeros(shape, dtype=dtype, device=values.device)
+    else:
+        dense = base.detach().to(dtype=dtype, copy=True)
+    dense.view(-1).index_add_(0, indices, values.detach().to(dtype))
+    return dense
+
+
+def gather_support(dense: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Values of `dense` at the flat coordinates `indices`."""
+    return torch.index_select(dense.reshape(-1), 0, indices)
+
+
+class _SparseDeltaLinear(torch.autograd.Function):
+    """y = x @ (W + delta)^T + b with gradients for x and the delta values only (W and b frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, indices, values, shape, transposed):
+        effective = scatter_delta(shape, indices, values, base=weight, dtype=x.dtype)
+        out = x @ effective if transposed else F.linear(x, effective)
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        ctx.save_for_backward(x, weight, indices, values)
+        ctx.shape, ctx.transposed = shape, transposed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, indices, values = ctx.saved_tensors
+        grad_x = grad_bias = grad_values = None
+        if ctx.needs_input_grad[0]:
+            effective = scatter_delta(ctx.shape, indices, values, base=weight, dtype=grad_out.dtype)
+            grad_x = grad_out @ effective.T if ctx.transposed else grad_out @ effective
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        if ctx.needs_input_grad[4]:
+            grad_values = support_weight_grad(grad_out, x, indices, ctx.transposed).to(values.dtype)
+        return grad_x, None, grad_bias, None, grad_values, None, None
+
+
+def support_weight_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, transposed: bool = False
+) -> torch.Tensor:
+    """Gradient of a linear layer's weight at the support coordinates only: gather(grad_out^T x)."""
+    grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+    x_2d = x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)
+    dense = x_2d.T @ grad_2d if transposed else grad_2d.T @ x_2d
+    return gather_support(dense, indices)
+
+
+def sparse_delta_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    transposed: bool = False,
+) -> torch.Tensor:
+    """Linear layer with a sparse delta on its weight; `weight=None` gives the delta's contribution alone.
+
+    `transposed=True` is the Conv1D layout, where the weight is stored (in_features, out_features).
+    """
+    return _SparseDeltaLinear.apply(x, weight, bias, indices, values, tuple(shape), transposed)
+
+
+def row_delta_linear(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Contribution of a delta made of whole output rows: a small dense matmul, no weight-sized tensor at all."""
+    row_values = values.view(rows.numel(), -1).to(x.dtype)
+    partial = F.linear(x, row_values)
+    out = x.new_zeros(*x.shape[:-1], out_features)
+    return out.index_add(-1, rows, partial)
+
+
+def sparse_delta_embedding(
+    ids: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """Delta rows looked up for `ids`, built only for the rows that occur (cost O(support + batch), not O(weight))."""
+    num_rows, dim = shape
+    unique_ids, inverse = torch.unique(ids, return_inverse=True)
+    slot_of_row = torch.full((num_rows,), -1, dtype=torch.int64, device=ids.device)
+    slot_of_row[unique_ids] = torch.arange(unique_ids.numel(), device=ids.device)
+    flat = indices.to(torch.int64)
+    slots = slot_of_row[flat // dim]
+    used = slots >= 0
+    table = values.new_zeros(unique_ids.numel(), dim)
+    table = table.index_put((slots[used], flat[used] % dim), values[used])
+    return F.embedding(inverse, table)

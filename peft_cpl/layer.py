@@ -1,0 +1,279 @@
+"""CPL layers: a frozen base layer plus, per adapter, a sparse delta (support indices + trainable values)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import functional as SF
+from .codec import index_dtype, whole_rows
+from .config import CPLConfig
+from .selection import choose_support, per_row, random_scores
+
+
+class CPLLayer(BaseTunerLayer):
+    """Per-adapter sparse deltas on one base layer.
+
+    `cpl_values[name]` is the only trainable tensor (1-D, one value per support coordinate); `cpl_indices[name]`
+    holds the sorted flat coordinates into the base weight as stored (int32 below 2^31 elements). A layer is "ready"
+    for an adapter once its support exists: at creation for random / magnitude / dense supports, after
+    `select_collaborative` (or loading) for collaborative ones.
+    """
+
+    adapter_layer_names = ("cpl_values",)
+    other_param_names = ("cpl_indices", "cpl_rows", "cpl_ready")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.cpl_values = nn.ParameterDict({})
+        self.cpl_indices = BufferDict(persistent=True)
+        self.cpl_rows = BufferDict(persistent=False)  # output-row ids when a support is whole rows (fast path)
+        self.cpl_ready: dict[str, bool] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.quantization_backend = resolve_quantization_backend(
+            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
+        )
+        self.kwargs = kwargs
+
+    # -- geometry ---------------------------------------------------------------------------------------------
+    @property
+    def delta_shape(self) -> tuple[int, int]:
+        """Shape of the base weight as stored (the index space of the support)."""
+        raise NotImplementedError
+
+    @property
+    def output_dim(self) -> int:
+        """Dimension of `delta_shape` that indexes outputs (rows of the support at granularity 'row')."""
+        return 0
+
+    # -- support ------------------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: CPLConfig, module_name: str = "", inference_mode: bool = False):
+        values_dtype = config.torch_delta_dtype
+        self.cpl_values[adapter_name] = nn.Parameter(torch.zeros(0, dtype=values_dtype))
+        self.cpl_indices[adapter_name] = torch.zeros(0, dtype=index_dtype(math.prod(self.delta_shape)))
+        self.cpl_ready[adapter_name] = False
+        if config.support != "collaborative":
+            self.set_support(adapter_name, self._initial_support(config, module_name))
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _initial_support(self, config: CPLConfig, module_name: str) -> torch.Tensor:
+        shape = self.delta_shape
+        if config.support == "dense":
+            return torch.arange(math.prod(shape))
+        if config.support == "random":
+            scores = random_scores(shape, config.seed, module_name)
+            if config.granularity == "row":
+                scores = random_scores((shape[self.output_dim],), config.seed, module_name)
+        else:  # magnitude: largest |W| (row: largest L1 norm)
+            scores = self.get_base_weight().detach().float().abs()
+            if config.granularity == "row":
+                scores = per_row(scores, self.output_dim).sum(dim=1)
+        return choose_support(
+            scores, shape, density=config.density, granularity=config.granularity, output_dim=self.output_dim
+        )
+
+    def set_support(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Replace an adapter's support; its values restart at zero unless `values` are given."""
+        if adapter_name not in self.cpl_values:
+            raise KeyError(f"adapter '{adapter_name}' is not on this layer; available: {list(self.cpl_values)}")
+        numel = math.prod(self.delta_shape)
+        indices = indices.reshape(-1).to(torch.int64)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+            raise ValueError(f"support indices must lie in [0, {numel}) for a weight of shape {self.delta_shape}")
+        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+            raise ValueError("support indices must be sorted and unique")
+        old = self.cpl_values[adapter_name]
+        device = self._base_device()
+        if values is None:
+            values = torch.zeros(indices.numel(), dtype=old.dtype, device=device)
+        elif values.numel() != indices.numel():
+            raise ValueError(f"got {values.numel()} values for {indices.numel()} support coordinates")
+        self.cpl_indices[adapter_name] = indices.to(device=device, dtype=index_dtype(numel))
+        self.cpl_values[adapter_name] = nn.Parameter(values.to(device=device, dtype=old.dtype).reshape(-1))
+        self.cpl_values[adapter_name].requires_grad_(old.requires_grad)
+        rows = whole_rows(self.cpl_indices[adapter_name], self.delta_shape) if self.output_dim == 0 else None
+        if rows is not None:
+            self.cpl_rows[adapter_name] = rows.to(device)
+        elif adapter_name in self.cpl_rows:
+            del self.cpl_rows[adapter_name]
+        self.cpl_ready[adapter_name] = True
+
+    def _base_device(self) -> torch.device:
+        weight = self.get_base_layer().weight
+        return weight.device
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Move to the base layer's device but keep the values' own dtype (`delta_dtype`), unlike PEFT's default."""
+        device = device or self._base_device()
+        if device.type == "meta":
+            return
+        for container in (self.cpl_values, self.cpl_indices, self.cpl_rows):
+            if adapter_name in container and container[adapter_name].device != device:
+                tensor = container[adapter_name]
+                if isinstance(tensor, nn.Parameter):
+                    container[adapter_name] = nn.Parameter(tensor.data.to(device), requires_grad=tensor.requires_grad)
+                else:
+                    container[adapter_name] = tensor.to(device)
+
+    # -- delta ------------------------------------------------------------------------------------------------
+    def _active_deltas(self) -> list[str]:
+        """Active adapters that contribute a delta; refuses to train an adapter whose support was never chosen."""
+        names = []
+        for name in self.active_adapters:
+            if name not in self.cpl_values:
+                continue
+            values = self.cpl_values[name]
+            if not self.cpl_ready[name] and values.requires_grad and self.training and torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"CPL adapter '{name}' has no support yet (support='collaborative'): run "
+                    "peft_cpl.select_collaborative(model, mastered, injection) before training, or create the adapter "
+                    "with support='random', 'magnitude' or 'dense'."
+                )
+            if values.numel():
+                names.append(name)
+        return names
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense delta of one adapter, shaped like the base weight as stored, in float32."""
+        values = self.cpl_values[adapter_name]
+        return SF.scatter_delta(self.delta_shape, self.cpl_indices[adapter_name], values, dtype=torch.float32)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the deltas into the base weight (dequantize, add, requantize for quantized bases)."""
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name in self.cpl_values:
+                self._apply_delta(name, sign=1.0, safe=safe_merge)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.cpl_values:
+                self._apply_delta(name, sign=-1.0, safe=False)
+
+    def _apply_delta(self, adapter_name: str, sign: float, safe: bool) -> None:
+        indices, values = self.cpl_indices[adapter_name], self.cpl_values[adapter_name].detach()
+        if not values.numel():
+            return
+        if safe and not torch.isfinite(values).all():
+            raise ValueError(
+                f"NaNs or infs in the values of CPL adapter '{adapter_name}'; refusing to merge it (safe_merge)."
+            )
+        weight = self.get_base_weight()
+        in_place = self.quantization_backend is None
+        target = weight if in_place else weight.clone()
+        target.view(-1).index_add_(0, indices, values.to(target.dtype), alpha=sign)
+        if not in_place:
+            self.set_base_weight(target)
+
+
+class Linear(nn.Module, CPLLayer):
+    """CPL on `nn.Linear`, transformers `Conv1D` (weight stored transposed) and bitsandbytes 8/4-bit linears."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: CPLConfig, module_name: str = "", **kwargs):
+        super().__init__()
+        CPLLayer.__init__(self, base_layer, **kwargs)
+        base = self.get_base_layer()
+        self.transposed = isinstance(base, Conv1D)
+        if self.transposed:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name=module_name, inference_mode=config.inference_mode)
+
+    @property
+    def delta_shape(self) -> tuple[int, int]:
+        if self.transposed:
+            return (self.in_features, self.out_features)
+        return (self.out_features, self.in_features)
+
+    @property
+    def output_dim(self) -> int:
+        return 1 if self.transposed else 0
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        names = self._active_deltas()
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        if all(name in self.cpl_rows for name in names):
+            result = self.base_layer(x, *args, **kwargs)
+            for name in names:
+                delta = SF.row_delta_linear(x, self.cpl_rows[name], self.cpl_values[name], self.out_features)
+                result = result + delta.to(result.dtype)
+            return result
+        indices, values = self._stacked(names)
+        base = self.get_base_layer()
+        if self.quantization_backend is None and base.weight.dtype == torch.float32:
+            # Fold into one matmul with the effective weight: exact in fp32, one GEMM instead of two.
+            return SF.sparse_delta_linear(
+                x, base.weight, base.bias, indices, values, self.delta_shape, self.transposed
+            )
+        # Half-precision or quantized base: keep the base output and add the delta's own contribution, so small
+        # updates are not rounded away by W + delta in low precision.
+        result = self.base_layer(x, *args, **kwargs)
+        delta = SF.sparse_delta_linear(x, None, None, indices, values, self.delta_shape, self.transposed)
+        return result + delta.to(result.dtype)
+
+    def _stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(names) == 1:
+            return self.cpl_indices[names[0]], self.cpl_values[names[0]]
+        indices = torch.cat([self.cpl_indices[n].to(torch.int64) for n in names])
+        return indices, torch.cat([self.cpl_values[n] for n in names])
+
+    def __repr__(self) -> str:
+        return "cpl." + super().__repr__()
+
+
+class Embedding(nn.Module, CPLLayer):
+    """CPL on `nn.Embedding`: the delta is looked up only for the rows present in the batch."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: CPLConfig, module_name: str = "", **kwargs):
+        super().__init__()
+        CPLLayer.__init__(self, base_layer, **kwargs)
+        base = self.get_base_layer()
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name=module_name, inference_mode=config.inference_mode)
+
+    @property
+    def delta_shape(self) -> tuple[int, int]:
+        return (self.num_embeddings, self.embedding_dim)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        embed_scale = self._get_embed_scale()  # scaled embeddings (e.g. Gemma) scale the merged weight too
+        for name in self._active_deltas():
+            delta = SF.sparse_delta_embedding(x, self.cpl_indices[name], self.cpl_values[name], self.delta_shape)
+            if embed_scale is not None:
+                delta = delta * embed_scale.to(delta.dtype)
+            result = result + delta.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "cpl." + super().__repr__()
