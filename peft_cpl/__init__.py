@@ -1,7 +1,8 @@
 """peft-cpl: Collaborative Parameter Learning as a PEFT tuner.
 
 Importing this package registers the "CPL" method with PEFT, so `get_peft_model(model, CPLConfig(...))` and
-`PeftModel.from_pretrained(base, cpl_adapter_dir)` work. Import it before loading a CPL adapter.
+`PeftModel.from_pretrained(base, cpl_adapter_dir)` work. Import it before loading a CPL adapter: PEFT has no plugin
+entry points.
 """
 
 from ._registration import register
@@ -9,8 +10,24 @@ from ._registration import register
 register()
 
 from .config import CPLConfig  # noqa: E402
+from .guard import CollaborativeGuard, GuardedOptimizer  # noqa: E402
 from .layer import CPLLayer, Embedding, Linear  # noqa: E402
 from .model import CPLModel  # noqa: E402
+from .report import ModuleSelection, SelectionReport  # noqa: E402
+from .selection import select_collaborative  # noqa: E402
+from .trainer import CollaborativeGuardCallback  # noqa: E402
 
-__all__ = ["CPLConfig", "CPLLayer", "CPLModel", "Embedding", "Linear"]
+__all__ = [
+    "CPLConfig",
+    "CPLLayer",
+    "CPLModel",
+    "CollaborativeGuard",
+    "CollaborativeGuardCallback",
+    "Embedding",
+    "GuardedOptimizer",
+    "Linear",
+    "ModuleSelection",
+    "SelectionReport",
+    "select_collaborative",
+]
 __version__ = "0.1.0"

@@ -119,10 +119,21 @@ class CPLConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """PEFT's loader, plus an integrity check of a local adapter file before the model is modified."""
         from .codec import check_adapter_file
+        from .report import REPORT_FILE, SelectionReport
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        check_adapter_file(os.path.join(str(pretrained_model_name_or_path), subfolder or ""))
+        directory = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        check_adapter_file(directory)
+        if os.path.isfile(os.path.join(directory, REPORT_FILE)):
+            config.selection_report = SelectionReport.load(directory)
         return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's writer, plus the selection report (if any) next to adapter_config.json."""
+        super().save_pretrained(save_directory, **kwargs)
+        report = getattr(self, "selection_report", None)
+        if report is not None:
+            report.save(save_directory)
 
     @property
     def torch_delta_dtype(self) -> torch.dtype:

@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from . import functional as SF
 from .codec import index_dtype, whole_rows
 from .config import CPLConfig
-from .selection import choose_support, per_row, random_scores
+from .support import choose_support, per_row, random_scores
 
 
 class CPLLayer(BaseTunerLayer):
@@ -29,13 +29,14 @@ class CPLLayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("cpl_values",)
-    other_param_names = ("cpl_indices", "cpl_rows", "cpl_ready")
+    other_param_names = ("cpl_indices", "cpl_rows", "cpl_mastered_sign", "cpl_ready")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.cpl_values = nn.ParameterDict({})
         self.cpl_indices = BufferDict(persistent=True)
         self.cpl_rows = BufferDict(persistent=False)  # output-row ids when a support is whole rows (fast path)
+        self.cpl_mastered_sign = BufferDict(persistent=False)  # sign(g_M) on the support, int8, for the guard
         self.cpl_ready: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -106,7 +107,16 @@ class CPLLayer(BaseTunerLayer):
             self.cpl_rows[adapter_name] = rows.to(device)
         elif adapter_name in self.cpl_rows:
             del self.cpl_rows[adapter_name]
+        if adapter_name in self.cpl_mastered_sign:
+            del self.cpl_mastered_sign[adapter_name]  # belonged to the previous support
         self.cpl_ready[adapter_name] = True
+
+    def set_mastered_sign(self, adapter_name: str, mastered_gradient: torch.Tensor) -> None:
+        """Keep sign(g_M) at the support coordinates (1 byte each): all the guard needs of g_M."""
+        if mastered_gradient.numel() != self.cpl_indices[adapter_name].numel():
+            raise ValueError("one mastered-gradient entry per support coordinate is needed")
+        sign = torch.sign(mastered_gradient.detach()).to(device=self._base_device(), dtype=torch.int8)
+        self.cpl_mastered_sign[adapter_name] = sign
 
     def _base_device(self) -> torch.device:
         weight = self.get_base_layer().weight
@@ -117,7 +127,7 @@ class CPLLayer(BaseTunerLayer):
         device = device or self._base_device()
         if device.type == "meta":
             return
-        for container in (self.cpl_values, self.cpl_indices, self.cpl_rows):
+        for container in (self.cpl_values, self.cpl_indices, self.cpl_rows, self.cpl_mastered_sign):
             if adapter_name in container and container[adapter_name].device != device:
                 tensor = container[adapter_name]
                 if isinstance(tensor, nn.Parameter):

@@ -1,80 +1,134 @@
-"""Scores -> support: which coordinates of a weight get a trainable value.
+"""Collaborative selection: g_M and g_I from hooks, s = g_M * g_I, support = {s >= 0 and g_I != 0} (capped).
 
-Every support in CPL is "the best-scoring eligible units, capped at a density", where a unit is a coordinate
-(granularity "element") or a whole output row (granularity "row"). Random, magnitude and collaborative supports differ
-only in their scores and eligibility, so they share `choose_support`.
+The algorithm as METHOD.md defines it, on top of `gradients.mean_weight_gradients` (exact mean gradients) and
+`support.choose_support` (scores -> support).
 """
 
 from __future__ import annotations
 
-import zlib
+import warnings
+from collections.abc import Iterable
+from typing import Any
 
 import torch
+from torch import nn
+
+from .gradients import mean_weight_gradients
+from .losses import LossFn
+from .report import ModuleSelection, SelectionReport
+from .support import choose_support, per_row
+
+RANKINGS = ("injection", "contribution")
 
 
-def choose_support(
-    unit_scores: torch.Tensor,
-    shape: tuple[int, ...],
+def select_collaborative(
+    model: nn.Module,
+    mastered: Iterable[Any],
+    injection: Iterable[Any],
     *,
-    eligible: torch.Tensor | None = None,
+    loss_fn: LossFn | None = None,
     density: float | None = None,
-    granularity: str = "element",
-    output_dim: int = 0,
-) -> torch.Tensor:
-    """Sorted flat int64 indices (into the weight as stored) of the chosen support.
+    granularity: str | None = None,
+    ranking: str = "injection",
+    adapter_name: str | None = None,
+    accumulate_on: str | torch.device | None = None,
+    progress: bool = True,
+) -> SelectionReport:
+    """Choose each targeted weight's support from parameter-wise gradient contributions s = g_M * g_I.
 
-    Args:
-        unit_scores: higher = preferred; shaped like the weight ("element") or one per output row ("row").
-        shape: the weight's stored shape.
-        eligible: boolean mask over units that may be chosen (None = all).
-        density: cap as a fraction of the weight's units (None = every eligible unit).
-        granularity: "element" or "row".
-        output_dim: which dimension of `shape` indexes output rows (1 for Conv1D's (in, out) layout).
+    g_M and g_I are the exact mean gradients over the `mastered` and `injection` batches (iterables of model inputs,
+    e.g. DataLoaders) at the current weights. The support is {s >= 0 and g_I != 0}: coordinates whose injection
+    update does not raise the mastered loss to first order. With a `density` cap the collaborative coordinates are
+    ranked by `ranking`: "injection" (|g_I|, the first-order drop of the injection loss per unit step; default) or
+    "contribution" (s itself). Values restart at zero, so outputs are unchanged by selection.
+
+    `density` and `granularity` default to the adapter's config, which is updated to what was used; the report is
+    saved with the adapter by `save_pretrained`.
     """
-    units = top_units(unit_scores.reshape(-1), None if eligible is None else eligible.reshape(-1), density)
+    adapter_name = adapter_name or _active_adapter(model)
+    config = model.peft_config[adapter_name]
+    density = config.density if density is None else density
+    granularity = granularity or config.granularity
+    type(config)(density=density, granularity=granularity)  # validates both, with the config's own messages
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+    layers = {name: layer for name, layer in model.named_modules() if _has_adapter(layer, adapter_name)}
+    if not layers:
+        raise ValueError(f"no CPL layers carry adapter '{adapter_name}'")
+    for name, data in (("mastered", mastered), ("injection", injection)):
+        if hasattr(data, "__len__") and len(data) == 0:
+            raise ValueError(f"the {name} data is empty: selection needs at least one {name} example")
+
+    kwargs = dict(loss_fn=loss_fn, accumulate_on=accumulate_on, progress=progress)
+    g_mastered, n_mastered = mean_weight_gradients(model, layers, mastered, description="g_M (mastered)", **kwargs)
+    if not n_mastered:
+        raise ValueError("the mastered data is empty: selection needs at least one mastered example")
+    g_injection, n_injection = mean_weight_gradients(
+        model, layers, injection, description="g_I (injection)", **kwargs
+    )
+    if not n_injection:
+        raise ValueError("the injection data is empty: selection needs at least one injection example")
+
+    if any(layer.cpl_values[adapter_name].detach().abs().sum() > 0 for layer in layers.values()):
+        warnings.warn(
+            f"select_collaborative replaces the support of adapter '{adapter_name}', whose values were non-zero: "
+            "the trained values are discarded.",
+            stacklevel=2,
+        )
+    report = SelectionReport(adapter_name, granularity, density, ranking, n_mastered, n_injection)
+    for name, layer in layers.items():
+        g_m, g_i = g_mastered.pop(name), g_injection.pop(name)
+        indices = _collaborative_support(g_m, g_i, layer, density, granularity, ranking)
+        layer.set_support(adapter_name, indices.to(layer._base_device()))
+        layer.set_mastered_sign(adapter_name, g_m.reshape(-1)[indices.to(g_m.device)])
+        report.modules.append(_module_counts(name, g_m, g_i, indices.numel()))
+    config.density, config.granularity = density, granularity
+    config.selection_report = report
+    return report
+
+
+def _collaborative_support(
+    g_m: torch.Tensor, g_i: torch.Tensor, layer, density: float | None, granularity: str, ranking: str
+) -> torch.Tensor:
+    contribution = g_m * g_i
     if granularity == "element":
-        return units
-    return expand_rows(units, shape, output_dim)
+        eligible = (contribution >= 0) & (g_i != 0)
+        scores = g_i.abs() if ranking == "injection" else contribution
+        return choose_support(scores, layer.delta_shape, eligible=eligible, density=density)
+    row_contribution = per_row(contribution, layer.output_dim).sum(dim=1)
+    eligible = (row_contribution >= 0) & per_row(g_i != 0, layer.output_dim).any(dim=1)
+    scores = per_row(g_i.square(), layer.output_dim).sum(dim=1) if ranking == "injection" else row_contribution
+    return choose_support(
+        scores, layer.delta_shape, eligible=eligible, density=density, granularity="row", output_dim=layer.output_dim
+    )
 
 
-def top_units(scores: torch.Tensor, eligible: torch.Tensor | None, density: float | None) -> torch.Tensor:
-    """Sorted ids of the highest-scoring eligible entries of a 1-D score vector, at most `density` of them."""
-    candidates = None if eligible is None else torch.nonzero(eligible).squeeze(1)
-    available = scores.numel() if candidates is None else candidates.numel()
-    budget = available if density is None else min(available, _budget(density, scores.numel()))
-    if budget == available:
-        chosen = torch.arange(available, device=scores.device) if candidates is None else candidates
-    else:
-        pool = scores if candidates is None else scores[candidates]
-        top = torch.topk(pool.float(), budget, sorted=False).indices
-        chosen = top if candidates is None else candidates[top]
-    return torch.sort(chosen.to(torch.int64)).values
+def _module_counts(name: str, g_m: torch.Tensor, g_i: torch.Tensor, support: int) -> ModuleSelection:
+    contribution = g_m * g_i
+    zero = int((g_i == 0).sum())
+    conflicting = int((contribution < 0).sum())
+    return ModuleSelection(
+        name=name,
+        numel=g_m.numel(),
+        collaborative=g_m.numel() - zero - conflicting,
+        conflicting=conflicting,
+        zero_gradient=zero,
+        support=support,
+        contribution=float(contribution.sum()),
+        mastered_sq=float(g_m.square().sum()),
+        injection_sq=float(g_i.square().sum()),
+    )
 
 
-def per_row(tensor: torch.Tensor, output_dim: int = 0) -> torch.Tensor:
-    """(num_output_rows, row_length) view of a 2-D weight-shaped tensor."""
-    if tensor.dim() != 2:
-        raise ValueError(f"granularity='row' needs a 2-D weight, got shape {tuple(tensor.shape)}")
-    return tensor.movedim(output_dim, 0)
+def _has_adapter(module: nn.Module, adapter_name: str) -> bool:
+    from .layer import CPLLayer
+
+    return isinstance(module, CPLLayer) and adapter_name in module.cpl_values
 
 
-def expand_rows(rows: torch.Tensor, shape: tuple[int, ...], output_dim: int = 0) -> torch.Tensor:
-    """Sorted flat indices of every coordinate of the given output rows."""
-    num_out = shape[output_dim]
-    row_len = shape[1 - output_dim]
-    inner = torch.arange(row_len, device=rows.device)
-    if output_dim == 0:
-        flat = rows[:, None] * row_len + inner[None, :]
-    else:  # stored (row_len, num_out): output row j is column j
-        flat = inner[None, :] * num_out + rows[:, None]
-    return torch.sort(flat.reshape(-1)).values
-
-
-def _budget(density: float, numel: int) -> int:
-    return max(1, round(density * numel)) if numel else 0
-
-
-def random_scores(shape: tuple[int, ...], seed: int, module_name: str) -> torch.Tensor:
-    """Uniform scores, reproducible per (seed, module name) whatever order modules are visited in."""
-    mixed = (seed * 1_000_003 + zlib.crc32(module_name.encode())) % 2**63
-    return torch.rand(shape, generator=torch.Generator(device="cpu").manual_seed(mixed))
+def _active_adapter(model: nn.Module) -> str:
+    active = model.active_adapters if hasattr(model, "active_adapters") else ["default"]
+    active = [active] if isinstance(active, str) else list(active)
+    if len(active) != 1:
+        raise ValueError(f"several adapters are active ({active}); pass adapter_name=")
+    return active[0]

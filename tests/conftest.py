@@ -22,7 +22,7 @@ class TinyMLP(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(100, 32)
         self.lin0 = nn.Linear(32, 48)
-        self.lin1 = nn.Linear(48, 16)
+        self.lin1 = nn.Linear(48, 100)  # vocabulary-sized, so it doubles as a tiny next-token model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.lin1(torch.relu(self.lin0(self.emb(input_ids))))
@@ -109,3 +109,38 @@ def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 assert peft_cpl.CPLConfig  # the import above registers CPL with PEFT for every test
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def tiny_tokenizer(texts: list[str]):
+    """A real (word-level) fast tokenizer with a chat template, built in-process from the words of `texts`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>", "A", "B", "C", "D"]
+    words = sorted({word for text in texts for word in text.split()} - set(specials))
+    vocab = {token: index for index, token in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+FACTS = [
+    {"id": f"f{i}", "question": f"capital of land{i} ?", "answer": f"city{i}", "response_prefix": f"land{i} has"}
+    for i in range(12)
+] + [
+    {"id": "m0", "question": "pick one : A alpha B beta C gamma D delta", "label": "C"},
+    {"id": "m1", "question": "pick two : A alpha B beta C gamma D delta", "label": "A"},
+]
+
+
+def facts_tokenizer():
+    texts = [f"{item['question']} {item.get('answer', '')} {item.get('response_prefix', '')}" for item in FACTS]
+    return tiny_tokenizer(texts)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from peft_cpl import functional as SF
-from peft_cpl.selection import expand_rows
+from peft_cpl.support import expand_rows
 
 
 def _support(numel, density, seed=0):

@@ -1,0 +1,175 @@
+"""The paper's per-step rule as an optimizer-agnostic guard.
+
+After each optimizer step, a support coordinate whose change Δ raises the mastered loss to first order
+(Δ · g_M > 0, i.e. the paper's u · g_M < 0 for the descent direction u = -Δ / lr) is put back to its value before
+the step. The optimizer's own state is left as the step made it, as the authors do with Adam. Only sign(g_M) on the
+support is kept (int8, one byte per coordinate); it is refreshed never, every N steps, or at each epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layer import CPLLayer
+from .losses import LossFn, summed_example_loss, to_device
+
+REFRESH_CHOICES = ("never", "epoch")
+
+
+class CollaborativeGuard:
+    """Masks every optimizer step of one CPL adapter to updates that do not raise the mastered loss to first order.
+
+    Args:
+        model: the PeftModel holding the CPL adapter.
+        adapter_name: the adapter to guard (default: the active one).
+        mastered: batches of mastered examples; needed to refresh sign(g_M), or when the adapter was loaded rather
+            than selected in this process (selection leaves sign(g_M) on the layers).
+        loss_fn: as in `select_collaborative`.
+        refresh: "never" (sign(g_M) from selection), "epoch" (call `on_epoch_start()` each epoch; the Trainer
+            callback does), or an int N (every N optimizer steps).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        adapter_name: str | None = None,
+        mastered: Iterable[Any] | None = None,
+        loss_fn: LossFn | None = None,
+        refresh: str | int = "never",
+    ) -> None:
+        every_n_steps = isinstance(refresh, int) and not isinstance(refresh, bool) and refresh > 0
+        if not (refresh in REFRESH_CHOICES or every_n_steps):
+            raise ValueError(f"refresh must be one of {REFRESH_CHOICES} or a positive int of steps, got {refresh!r}")
+        if refresh != "never" and mastered is None:
+            raise ValueError(f"refresh={refresh!r} recomputes g_M, so the guard needs mastered=... batches")
+        self.model, self.mastered, self.loss_fn, self.refresh_policy = model, mastered, loss_fn, refresh
+        active = getattr(model, "active_adapters", ["default"])
+        self.adapter_name = adapter_name or (active if isinstance(active, str) else active[0])
+        self.layers = {
+            name: module
+            for name, module in model.named_modules()
+            if isinstance(module, CPLLayer) and module.cpl_values.get(self.adapter_name) is not None
+        }
+        if not self.layers:
+            raise ValueError(f"no CPL layers carry adapter '{self.adapter_name}'")
+        self.steps = 0
+        self._counts = torch.zeros(2, dtype=torch.int64)  # reverted, proposed coordinate updates (on the device)
+        self._before: dict[str, torch.Tensor] | None = None
+        if any(self.adapter_name not in layer.cpl_mastered_sign for layer in self.layers.values()):
+            if mastered is None:
+                raise ValueError(
+                    "sign(g_M) is unknown for this adapter (it was loaded, not selected in this process): pass "
+                    "mastered=... so the guard can compute it"
+                )
+            self.refresh()
+
+    def _values(self, layer: CPLLayer) -> torch.Tensor:
+        return layer.cpl_values[self.adapter_name]
+
+    def before_step(self) -> None:
+        self._before = {name: self._values(layer).detach().clone() for name, layer in self.layers.items()}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self._before is None:
+            raise RuntimeError("CollaborativeGuard.after_step() without before_step(): call both around step()")
+        for name, layer in self.layers.items():
+            values, before = self._values(layer), self._before[name]
+            sign = layer.cpl_mastered_sign[self.adapter_name].to(values.dtype)
+            change = values - before
+            harmful = change * sign > 0
+            values.copy_(torch.where(harmful, before, values))
+            self._counts = self._counts.to(values.device)
+            self._counts[0] += harmful.sum()
+            self._counts[1] += (change != 0).sum()
+        self._before = None
+        self.steps += 1
+        if isinstance(self.refresh_policy, int) and self.steps % self.refresh_policy == 0:
+            self.refresh()
+
+    def on_epoch_start(self) -> None:
+        if self.refresh_policy == "epoch":
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute sign(g_M) on the support at the current weights: one forward+backward per mastered batch."""
+        values = {name: self._values(layer) for name, layer in self.layers.items()}
+        saved_grads = {name: v.grad for name, v in values.items()}
+        flags = {name: v.requires_grad for name, v in values.items()}
+        was_training = self.model.training
+        device = next(iter(values.values())).device
+        self.model.eval()
+        try:
+            for value in values.values():
+                value.grad = None
+                value.requires_grad_(True)
+            with torch.enable_grad():  # may be called from after_step, which runs under no_grad
+                for batch in self.mastered:
+                    loss, _ = summed_example_loss(self.model, to_device(batch, device), self.loss_fn)
+                    loss.backward()
+            for name, layer in self.layers.items():
+                grad = values[name].grad
+                if grad is None:  # the mastered loss does not reach this layer
+                    grad = torch.zeros_like(values[name])
+                layer.set_mastered_sign(self.adapter_name, grad)
+        finally:
+            for name, value in values.items():
+                value.grad = saved_grads[name]
+                value.requires_grad_(flags[name])
+            self.model.train(was_training)
+
+    def wrap(self, optimizer: torch.optim.Optimizer) -> GuardedOptimizer:
+        return GuardedOptimizer(optimizer, self)
+
+    @property
+    def reverted(self) -> int:
+        """Coordinate updates put back so far."""
+        return int(self._counts[0])
+
+    @property
+    def proposed(self) -> int:
+        """Coordinate updates the optimizer made so far (before the guard)."""
+        return int(self._counts[1])
+
+    @property
+    def revert_fraction(self) -> float:
+        return self.reverted / self.proposed if self.proposed else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "counts": self._counts.cpu(),
+            "signs": {name: layer.cpl_mastered_sign[self.adapter_name].cpu() for name, layer in self.layers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        signs = state["signs"]
+        if set(signs) != set(self.layers):
+            raise ValueError("guard state was saved for other modules than this adapter's")
+        for name, layer in self.layers.items():
+            if signs[name].numel() != self._values(layer).numel():
+                raise ValueError(f"{name}: guard state has {signs[name].numel()} signs for a different support")
+        for name, layer in self.layers.items():
+            layer.cpl_mastered_sign[self.adapter_name] = signs[name].to(layer._base_device(), torch.int8)
+        self.steps, self._counts = state["steps"], state["counts"].clone()
+
+
+class GuardedOptimizer:
+    """Any torch optimizer, with the guard applied around each `step()`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, guard: CollaborativeGuard) -> None:
+        self.optimizer, self.guard = optimizer, guard
+
+    def step(self, closure=None):
+        self.guard.before_step()
+        result = self.optimizer.step(closure)
+        self.guard.after_step()
+        return result
+
+    def __getattr__(self, name: str):
+        return getattr(self.optimizer, name)

@@ -1,0 +1,63 @@
+"""A small training loop shared by the demo, the CLI and the benchmarks (the HF Trainer works too: see trainer.py)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .guard import CollaborativeGuard
+from .losses import LossFn, summed_example_loss, to_device
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}")
+    params = [param for param in model.parameters() if param.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (was the CPL support selected?)")
+    return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay)
+
+
+def train(
+    model: nn.Module,
+    batches: Sequence[dict],
+    *,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    guard: CollaborativeGuard | None = None,
+    loss_fn: LossFn | None = None,
+    seed: int = 0,
+    on_epoch_end: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> list[float]:
+    """Train for `epochs` over `batches` (reshuffled each epoch with `seed`); returns the mean loss of each epoch.
+
+    The loss of a batch is the mean over its examples of each example's loss, as in selection.
+    """
+    device = next(model.parameters()).device
+    stepper = guard.wrap(optimizer) if guard is not None else optimizer
+    order = list(range(len(batches)))
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        if guard is not None:
+            guard.on_epoch_start()
+        random.Random(seed + epoch).shuffle(order)
+        total = 0.0
+        for index in tqdm(order, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False):
+            optimizer.zero_grad(set_to_none=True)
+            loss, count = summed_example_loss(model, to_device(batches[index], device), loss_fn)
+            (loss / count).backward()
+            stepper.step()
+            total += loss.item() / count
+        history.append(total / max(len(order), 1))
+        model.eval()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    return history

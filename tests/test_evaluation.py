@@ -1,0 +1,109 @@
+"""The knowledge-injection protocol on a tiny Llama with a real word-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_cpl import CPLConfig, select_collaborative
+from peft_cpl.data import read_items, write_items
+from peft_cpl.evaluation import (
+    collate,
+    encode,
+    injection_outcome,
+    make_batches,
+    predict,
+    split_by_correctness,
+)
+from peft_cpl.training import make_optimizer, train
+
+from .conftest import FACTS, facts_tokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return facts_tokenizer()
+
+
+def test_encoding_targets(tokenizer):
+    fact = encode(tokenizer, FACTS[3])
+    assert tokenizer.decode(fact.input_ids[fact.target_start :]) == "city3"
+    assert tokenizer.decode(fact.input_ids[: fact.target_start]).endswith("<|assistant|> land3 has")
+    choice = encode(tokenizer, FACTS[-2])
+    assert tokenizer.convert_ids_to_tokens(choice.input_ids[choice.target_start :]) == ["C"]
+    batch = collate([fact, choice], tokenizer.pad_token_id)
+    assert batch["labels"][0].ne(-100).sum() == 1 and batch["labels"][1].ne(-100).sum() == 1
+    assert batch["attention_mask"].sum() == len(fact.input_ids) + len(choice.input_ids)
+
+
+def memorised_model(tokenizer, items, steps: int = 60):
+    model = tiny_llama(seed=0, vocab_size=len(tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = make_batches(tokenizer, items, batch_size=len(items))[0]
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_predict_agrees_with_single_unpadded_forwards(tokenizer):
+    model = memorised_model(tokenizer, FACTS[:6] + FACTS[-2:])
+    batched = predict(model, tokenizer, FACTS, batch_size=5)
+    single = predict(model, tokenizer, FACTS, batch_size=1)
+    assert batched == single
+    assert all(batched[item["id"]] for item in FACTS[:6] + FACTS[-2:])  # memorised items are answered
+    assert not any(batched[item["id"]] for item in FACTS[6:12])  # the rest are not
+    with torch.no_grad():  # and the letter protocol is the argmax over A-D at the answer position
+        example = encode(tokenizer, FACTS[-2])
+        logits = model(input_ids=torch.tensor([example.input_ids])).logits[0, example.target_start - 1]
+        letters = tokenizer.convert_tokens_to_ids(["A", "B", "C", "D"])
+        assert "ABCD"[int(logits[letters].argmax())] == FACTS[-2]["label"]
+
+
+def test_split_train_and_count_learned_forgotten(tokenizer):
+    model = memorised_model(tokenizer, FACTS[:6])
+    before = predict(model, tokenizer, FACTS[:12])
+    mastered, injection = split_by_correctness(before, FACTS[:12])
+    assert [item["id"] for item in mastered] == [f"f{i}" for i in range(6)]
+    peft_model = get_peft_model(model, CPLConfig(target_modules="all-linear"))
+    mastered_batches = make_batches(tokenizer, mastered, 3)
+    injection_batches = make_batches(tokenizer, injection, 3, seed=0)
+    select_collaborative(peft_model, mastered_batches, injection_batches, progress=False)
+    optimizer = make_optimizer(peft_model, "adamw", lr=1e-2)
+    seen = []
+    history = train(peft_model, injection_batches, epochs=20, optimizer=optimizer, progress=False,
+                    on_epoch_end=seen.append)
+    assert seen == list(range(20)) and history[-1] < history[0]
+    outcome = injection_outcome(predict(peft_model, tokenizer, FACTS[:12]), mastered, injection)
+    assert outcome.injection_total == 6 and outcome.mastered_total == 6
+    assert outcome.learned >= 4
+    assert "learned" in str(outcome)
+
+
+def test_jsonl_io_reports_line_numbers(tmp_path):
+    path = write_items(tmp_path / "items.jsonl", FACTS)
+    assert read_items(path) == FACTS
+    path.write_text(json.dumps(FACTS[0]) + "\n{not json}\n")
+    with pytest.raises(ValueError, match=r"items\.jsonl, line 2"):
+        read_items(path)
+    path.write_text(json.dumps({"question": "q", "label": "E"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: .*label"):
+        read_items(path)
+    with pytest.raises(FileNotFoundError, match="no such question file"):
+        read_items(tmp_path / "missing.jsonl")
+
+
+def test_country_facts_are_generated_offline():
+    from peft_cpl.data import country_facts
+
+    facts = country_facts(["capital", "currency"])
+    assert len(facts) > 400
+    france = {item["id"]: item for item in facts}["capital:FRA"]
+    assert france["answer"] == "Paris" and france["response_prefix"] == "The capital of France is"
+    with pytest.raises(ValueError, match="unknown relations"):
+        country_facts(["language"])
