@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -117,3 +118,22 @@ def country_facts(relations: Sequence[str] = ("capital",)) -> list[dict]:
                     }
                 )
     return items
+
+
+_OPTION_LINE = re.compile(r"^([ABCD]): ?(.*)$", re.MULTILINE)
+
+
+def rotate_options(item: dict, shift: int) -> dict:
+    """The multiple-choice item with its four options cyclically rotated by `shift` (the label follows its option).
+
+    Used for the debiased split: a model that always answers "A" is right under exactly one of the four rotations.
+    """
+    lines = _OPTION_LINE.findall(item["question"])
+    if [letter for letter, _ in lines] != list(LETTERS):
+        raise ValueError(f"item {item.get('id')}: the question must list options A-D as lines 'A: ...', 'B: ...'")
+    options = [text for _, text in lines]
+    rotated = [options[(index - shift) % 4] for index in range(4)]
+    replacement = iter(f"{letter}: {text}" for letter, text in zip(LETTERS, rotated))
+    question = _OPTION_LINE.sub(lambda _: next(replacement), item["question"])
+    label = LETTERS[(LETTERS.index(item["label"]) + shift) % 4]
+    return {**item, "id": f"{item['id']}@{shift % 4}", "question": question, "label": label}

@@ -149,3 +149,22 @@ def injection_outcome(
         forgotten=sum(not correct_after[item["id"]] for item in mastered),
         mastered_total=len(mastered),
     )
+
+
+def debiased_split(
+    model: nn.Module, tokenizer, items: Sequence[dict], batch_size: int = 16
+) -> tuple[list[dict], list[dict]]:
+    """Multiple-choice split robust to answer-letter bias: mastered = right under all four cyclic rotations of the
+    options, injection = wrong under all four; items in between are left out."""
+    from .data import rotate_options
+
+    rotations = [rotate_options(item, shift) for item in items for shift in range(4)]
+    correct = predict(model, tokenizer, rotations, batch_size=batch_size)
+    mastered, injection = [], []
+    for item in items:
+        votes = [correct[f"{item['id']}@{shift}"] for shift in range(4)]
+        if all(votes):
+            mastered.append(item)
+        elif not any(votes):
+            injection.append(item)
+    return mastered, injection

@@ -136,8 +136,8 @@ FACTS = [
     {"id": f"f{i}", "question": f"capital of land{i} ?", "answer": f"city{i}", "response_prefix": f"land{i} has"}
     for i in range(12)
 ] + [
-    {"id": "m0", "question": "pick one : A alpha B beta C gamma D delta", "label": "C"},
-    {"id": "m1", "question": "pick two : A alpha B beta C gamma D delta", "label": "A"},
+    {"id": "m0", "question": "pick one\nA: alpha\nB: beta\nC: gamma\nD: delta", "label": "C"},
+    {"id": "m1", "question": "pick two\nA: alpha\nB: beta\nC: gamma\nD: delta", "label": "A"},
 ]
 
 

@@ -39,9 +39,9 @@ def test_encoding_targets(tokenizer):
     assert batch["attention_mask"].sum() == len(fact.input_ids) + len(choice.input_ids)
 
 
-def memorised_model(tokenizer, items, steps: int = 60):
+def memorised_model(tokenizer, items, steps: int = 60, lr: float = 1e-2):
     model = tiny_llama(seed=0, vocab_size=len(tokenizer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     batch = make_batches(tokenizer, items, batch_size=len(items))[0]
     model.train()
     for _ in range(steps):
@@ -79,9 +79,11 @@ def test_split_train_and_count_learned_forgotten(tokenizer):
     history = train(peft_model, injection_batches, epochs=20, optimizer=optimizer, progress=False,
                     on_epoch_end=seen.append)
     assert seen == list(range(20)) and history[-1] < history[0]
-    outcome = injection_outcome(predict(peft_model, tokenizer, FACTS[:12]), mastered, injection)
+    after = predict(peft_model, tokenizer, FACTS[:12])
+    outcome = injection_outcome(after, mastered, injection)
     assert outcome.injection_total == 6 and outcome.mastered_total == 6
-    assert outcome.learned >= 4
+    assert outcome.learned == sum(after[item["id"]] for item in injection) > 0
+    assert outcome.forgotten == sum(not after[item["id"]] for item in mastered)
     assert "learned" in str(outcome)
 
 
@@ -107,3 +109,31 @@ def test_country_facts_are_generated_offline():
     assert france["answer"] == "Paris" and france["response_prefix"] == "The capital of France is"
     with pytest.raises(ValueError, match="unknown relations"):
         country_facts(["language"])
+
+
+def test_rotate_options_moves_the_label_with_its_option():
+    from peft_cpl.data import rotate_options
+
+    item = {"id": "q", "question": "Question: x?\nOptions:\nA: one\nB: two\nC: three\nD: four\n\nReply.", "label": "B"}
+    for shift in range(4):
+        rotated = rotate_options(item, shift)
+        options = [line for line in rotated["question"].splitlines() if line[:2] in ("A:", "B:", "C:", "D:")]
+        lines = dict(line.split(": ", 1) for line in options)
+        assert lines[rotated["label"]] == "two"
+        assert rotated["question"].startswith("Question: x?") and rotated["question"].endswith("Reply.")
+    assert rotate_options(item, 0)["question"] == item["question"]
+    with pytest.raises(ValueError, match="options A-D"):
+        rotate_options({"id": "bad", "question": "A: only one", "label": "A"}, 1)
+
+
+def test_debiased_split(tokenizer):
+    from peft_cpl.data import rotate_options
+    from peft_cpl.evaluation import debiased_split
+
+    known, unknown = FACTS[-2], FACTS[-1]
+    training = [rotate_options(known, s) for s in range(4)]
+    training += [{**rotate_options(unknown, s), "label": "ABCD"[(s + 1) % 4]} for s in range(4)]  # always wrong
+    model = memorised_model(tokenizer, training, steps=200, lr=2e-3)
+    mastered, injection = debiased_split(model, tokenizer, [known, unknown])
+    assert [item["id"] for item in mastered] == ["m0"]
+    assert [item["id"] for item in injection] == ["m1"]
