@@ -51,7 +51,8 @@ class MergeReport:
     def table(self) -> str:
         lines = [f"{'module':<56} {'support':>10} {'retained':>9} {'vanished':>9}"]
         for m in self.modules:
-            lines.append(f"{m.name[-56:]:<56} {m.support:>10,} {m.retained:>9.1%} {m.vanished / max(m.support, 1):>9.1%}")
+            vanished = m.vanished / max(m.support, 1)
+            lines.append(f"{m.name[-56:]:<56} {m.support:>10,} {m.retained:>9.1%} {vanished:>9.1%}")
         lines.append(f"{'all':<56} {sum(m.support for m in self.modules):>10,} {self.retained:>9.1%} "
                      f"{self.vanished_fraction:>9.1%}")
         return "\n".join(lines)

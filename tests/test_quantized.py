@@ -109,7 +109,8 @@ def test_tiny_deltas_vanish_on_requantization_and_the_user_is_warned(saved_base)
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_lossless_merge_into_float(saved_base, tmp_path, bits):
-    quantized = get_peft_model(load(saved_base, bits), CPLConfig(target_modules=TARGETS, support="random", density=0.3))
+    config = CPLConfig(target_modules=TARGETS, support="random", density=0.3)
+    quantized = get_peft_model(load(saved_base, bits), config)
     randomize_values(quantized, scale=1e-4)  # small enough to vanish in a requantized merge
     # the same adapter on a float twin holding the dequantized weights is the exact reference
     twin = merge_into_float(copy.deepcopy(quantized).unload())
