@@ -1,8 +1,14 @@
-"""Hugging Face Trainer integration: the guard as a TrainerCallback, with its state in every checkpoint."""
+"""Hugging Face Trainer integration: the guard as a TrainerCallback, with its state in every checkpoint.
+
+Resuming (`trainer.train(resume_from_checkpoint=...)`) continues exactly: the Trainer reloads the adapter through
+`load_adapter` (which restores each module's support from the file) before it builds the optimizer, and this callback
+restores the guard's sign(g_M), step count and counters from the same checkpoint folder.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -14,11 +20,30 @@ from .guard import CollaborativeGuard
 GUARD_STATE_FILE = "cpl_guard.safetensors"
 
 
+def save_guard_state(guard: CollaborativeGuard, path: str | os.PathLike) -> None:
+    """Write the guard's state as safetensors, atomically (temp file in the same folder, then rename)."""
+    path = os.fspath(path)
+    temp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
+    state = guard.state_dict()
+    flat = {f"signs.{name}": sign.contiguous() for name, sign in state["signs"].items()}
+    flat["steps"] = torch.tensor([state["steps"]])
+    flat["counts"] = state["counts"]
+    save_file(flat, temp)
+    os.replace(temp, path)
+
+
+def load_guard_state(guard: CollaborativeGuard, path: str | os.PathLike) -> None:
+    """Restore what `save_guard_state` wrote (the adapter's support must already be the saved one)."""
+    flat = load_file(os.fspath(path))
+    signs = {key.removeprefix("signs."): value for key, value in flat.items() if key.startswith("signs.")}
+    guard.load_state_dict({"signs": signs, "steps": int(flat["steps"][0]), "counts": flat["counts"]})
+
+
 class CollaborativeGuardCallback(TrainerCallback):
     """Apply a CollaborativeGuard around every optimizer step of a `transformers.Trainer`.
 
     Saves the guard's sign(g_M) and counters as `cpl_guard.safetensors` in each checkpoint folder and restores them
-    when training resumes from a checkpoint (`trainer.train(resume_from_checkpoint=...)`).
+    when training resumes from a checkpoint under `args.output_dir` (`trainer.train(resume_from_checkpoint=...)`).
     """
 
     def __init__(self, guard: CollaborativeGuard) -> None:
@@ -28,11 +53,26 @@ class CollaborativeGuardCallback(TrainerCallback):
         if state.global_step > 0:  # resumed: the Trainer restored state from checkpoint-<global_step>
             path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", GUARD_STATE_FILE)
             if os.path.isfile(path):
-                self.guard.load_state_dict(_unflatten(load_file(path)))
+                load_guard_state(self.guard, path)
+            elif self.guard.mastered is not None:
+                warnings.warn(
+                    f"Resuming without the guard state ({path} is missing): sign(g_M) is recomputed at the restored "
+                    "weights, so the run will not continue exactly as an uninterrupted one.",
+                    stacklevel=2,
+                )
+                self.guard.refresh()
+            else:
+                raise ValueError(
+                    f"Cannot resume the guard: {path} is missing (resume from a checkpoint under args.output_dir), "
+                    "and the guard has no mastered=... batches to recompute sign(g_M) from."
+                )
         return control
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.guard.on_epoch_start()
+        # A run resumed inside an epoch starts with a fractional state.epoch: that epoch's refresh already happened
+        # (its sign(g_M) came back with the checkpoint), and redoing it at later weights would change the run.
+        if state.epoch is None or float(state.epoch).is_integer():
+            self.guard.on_epoch_start()
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -46,19 +86,5 @@ class CollaborativeGuardCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
-            temp = os.path.join(folder, f".{GUARD_STATE_FILE}.tmp")
-            save_file(_flatten(self.guard.state_dict()), temp)
-            os.replace(temp, os.path.join(folder, GUARD_STATE_FILE))
+            save_guard_state(self.guard, os.path.join(folder, GUARD_STATE_FILE))
         return control
-
-
-def _flatten(state: dict) -> dict[str, torch.Tensor]:
-    flat = {f"signs.{name}": sign for name, sign in state["signs"].items()}
-    flat["steps"] = torch.tensor([state["steps"]])
-    flat["counts"] = state["counts"]
-    return flat
-
-
-def _unflatten(flat: dict[str, torch.Tensor]) -> dict:
-    signs = {key.removeprefix("signs."): value for key, value in flat.items() if key.startswith("signs.")}
-    return {"signs": signs, "steps": int(flat["steps"][0]), "counts": flat["counts"]}

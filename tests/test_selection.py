@@ -178,3 +178,28 @@ def test_selection_leaves_gradients_and_mode_alone():
     assert model.training
     assert all(p.grad is None for p in model.parameters())
     assert all(layer.cpl_values["default"].requires_grad for layer in cpl_layers(model).values())
+
+
+def test_report_table_dict_plot_and_saved_next_to_the_adapter(tmp_path):
+    from peft import PeftModel
+
+    from peft_cpl import SelectionReport
+
+    case = CASES["llama"]
+    model = get_peft_model(case.build(0), CPLConfig(target_modules=["q_proj", "down_proj"]))
+    data = batched(examples(case, 4, 10), 2)
+    report = select_collaborative(model, data[:1], data[1:], density=0.2, progress=False)
+    summary = report.to_dict()["summary"]
+    fractions = ("collaborative_fraction", "conflicting_fraction", "zero_gradient_fraction")
+    assert abs(sum(summary[key] for key in fractions) - 1) < 1e-9
+    assert summary["support"] == sum(layer.cpl_values["default"].numel() for layer in cpl_layers(model).values())
+    table = report.table()
+    assert "q_proj" in table and "cos(g_M, g_I)" in table
+    image = report.plot(tmp_path / "selection.png")
+    assert image.stat().st_size > 1000 and image.read_bytes()[:4] == b"\x89PNG"
+    model.save_pretrained(tmp_path / "adapter")
+    saved = SelectionReport.load(tmp_path / "adapter")
+    assert saved.to_dict() == report.to_dict()
+    loaded = PeftModel.from_pretrained(case.build(0), tmp_path / "adapter")
+    assert loaded.peft_config["default"].selection_report.to_dict() == report.to_dict()
+    assert not list((tmp_path / "adapter").glob(".selection-*"))  # no temp file left behind

@@ -286,3 +286,28 @@ def test_supports_of_different_sizes_decided_after_config(case, tmp_path):
         assert torch.equal(layer.cpl_indices["default"], cpl_layers(model)[name].cpl_indices["default"])
     with torch.no_grad():
         torch.testing.assert_close(case.output(loaded, ids), expected, rtol=0, atol=0)
+
+
+def test_layer_selection_fields_and_modules_to_save(tmp_path):
+    from .conftest import CASES
+
+    case = CASES["llama"]
+    config = CPLConfig(
+        target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"], layers_to_transform=[1],
+        layers_pattern="layers", modules_to_save=["lm_head"], support="random", density=0.5,
+    )
+    base = case.build(0)
+    original = base_state(base)
+    model = get_peft_model(base, config)
+    targeted = [name.removeprefix("base_model.model.") for name in cpl_layers(model)]
+    assert targeted == ["model.layers.1.self_attn.q_proj"]
+    train_steps(model, case, optimizer_cls=torch.optim.AdamW, lr=1e-2)
+    ids = case.inputs()
+    with torch.no_grad():
+        expected = case.output(model, ids)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(fresh_base(case, original), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(case.output(loaded, ids), expected, rtol=0, atol=0)
+        with loaded.disable_adapter():
+            assert not torch.allclose(case.output(loaded, ids), expected)

@@ -1,0 +1,289 @@
+"""Speed and memory of CPL training and inference on SmolLM2-135M, against full fine-tuning, LoRA and SHiRA.
+
+Every method runs in its own subprocess (a clean peak-RSS reading each) on the same batches; the parent prints one
+table with ratios against full fine-tuning (AdamW, fp32) measured in this same run. On CUDA the allocator peak
+(torch.cuda.max_memory_allocated) is reported too.
+
+    python benchmarks/perf.py                       # all methods, CPU; writes benchmarks/results/perf.{md,json}
+    python benchmarks/perf.py --methods full cpl-e0.3 lora-r16 --steps 5
+
+CPL supports here are random at the given density: step time and memory depend on the support's size and
+granularity, not on which coordinates it holds. The cost of collaborative selection itself is measured by the
+`select` method, against one forward+backward pass per example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = {
+    "full": {"kind": "full"},
+    "lora-r16": {"kind": "lora", "r": 16},
+    "shira-r35": {"kind": "shira", "r": 35},  # ~ as many trainable values as CPL at density 0.1
+    "shira-r104": {"kind": "shira", "r": 104},  # ~ as many as CPL at density 0.3
+    **{f"cpl-e{d}": {"kind": "cpl", "density": d, "granularity": "element"} for d in (0.01, 0.1, 0.3, 0.5)},
+    **{f"cpl-r{d}": {"kind": "cpl", "density": d, "granularity": "row"} for d in (0.01, 0.1, 0.3, 0.5)},
+    "cpl-e0.3+guard": {"kind": "cpl", "density": 0.3, "granularity": "element", "guard": True},
+    "cpl-e0.3-8bit": {"kind": "cpl", "density": 0.3, "granularity": "element", "bits": 8},
+    "cpl-r0.3-8bit": {"kind": "cpl", "density": 0.3, "granularity": "row", "bits": 8},
+    "lora-r16-8bit": {"kind": "lora", "r": 16, "bits": 8},
+    "select": {"kind": "select"},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--steps", type=int, default=6, help="timed training steps per method (after 2 warm-up)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/perf"))
+    parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------------- worker ------
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def timed(fn, repeats: int, device: str) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def state_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes training keeps for the trainable values: values, grads, optimizer state, CPL index/guard buffers."""
+    from peft_cpl import CPLLayer
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    sizes = {
+        "values": sum(p.numel() * p.element_size() for p in trainable),
+        "grads": sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None),
+        "optimizer": sum(
+            t.numel() * t.element_size()
+            for state in optimizer.state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor)
+        ),
+        "indices": 0,
+        "guard": 0,
+    }
+    for module in model.modules():
+        if isinstance(module, CPLLayer):
+            sizes["indices"] += sum(t.numel() * t.element_size() for t in module.cpl_indices.values())
+            sizes["guard"] += sum(t.numel() * t.element_size() for t in module.cpl_mastered_sign.values())
+    return sizes
+
+
+def worker(name: str, args: argparse.Namespace) -> dict:
+    from peft import LoraConfig, ShiraConfig, get_peft_model
+
+    import peft_cpl
+    from peft_cpl.default_model import load_default_model
+    from peft_cpl.losses import summed_example_loss
+
+    spec = METHODS[name]
+    torch.manual_seed(0)
+    rss_start = peak_rss_mb()
+    model, _ = load_default_model(load_in_8bit=spec.get("bits") == 8)
+    if spec.get("bits") != 8:
+        model.to(args.device)
+    rss_loaded = peak_rss_mb()
+    vocab = model.config.vocab_size
+    batches = [
+        {"input_ids": ids, "labels": ids}
+        for ids in torch.randint(0, vocab, (4, args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    ]
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
+    result: dict = {"method": name, **spec, "rss_start_mb": rss_start, "rss_loaded_mb": rss_loaded}
+
+    if spec["kind"] == "select":
+        peft_model = get_peft_model(model, peft_cpl.CPLConfig())
+        examples = len(batches) * args.batch
+        start = time.perf_counter()
+        peft_cpl.select_collaborative(peft_model, batches[:2], batches[2:], progress=False)
+        result["select_s"] = time.perf_counter() - start
+        full = peft_model.unload()
+        for param in full.parameters():
+            param.requires_grad_(True)
+
+        def fwd_bwd(batch=batches[0]):
+            loss, _ = summed_example_loss(full, batch)
+            loss.backward()
+            full.zero_grad(set_to_none=True)
+
+        fwd_bwd()
+        result["fwd_bwd_per_example_s"] = statistics.median(timed(fwd_bwd, 3, args.device)) / args.batch
+        result["select_per_example_s"] = result["select_s"] / examples
+        result["peak_rss_mb"] = peak_rss_mb()
+        return result
+
+    if spec["kind"] == "full":
+        peft_model = model
+        for param in model.parameters():
+            param.requires_grad_(True)
+    elif spec["kind"] == "lora":
+        lora = LoraConfig(r=spec["r"], lora_alpha=2 * spec["r"], target_modules="all-linear")
+        peft_model = get_peft_model(model, lora)
+    elif spec["kind"] == "shira":
+        peft_model = get_peft_model(model, ShiraConfig(r=spec["r"], target_modules="all-linear"))
+    else:
+        config = peft_cpl.CPLConfig(support="random", density=spec["density"], granularity=spec["granularity"])
+        peft_model = get_peft_model(model, config)
+    targeted = sum(
+        module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear)
+    ) - model.get_output_embeddings().weight.numel()
+    result["trainable"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    result["targeted_params"] = targeted
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
+    stepper = optimizer
+    if spec.get("guard"):
+        for module in peft_model.modules():
+            if isinstance(module, peft_cpl.CPLLayer):
+                module.set_mastered_sign("default", torch.randn(module.cpl_values["default"].numel()))
+        stepper = peft_cpl.CollaborativeGuard(peft_model).wrap(optimizer)
+    peft_model.train()
+    step_index = [0]
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = peft_model(**batches[step_index[0] % len(batches)]).loss
+        loss.backward()
+        stepper.step()
+        step_index[0] += 1
+
+    timed(step, 2, args.device)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result["step_s"] = statistics.median(timed(step, args.steps, args.device))
+    result["peak_rss_mb"] = peak_rss_mb()
+    if args.device == "cuda":
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    result["state_bytes"] = state_bytes(peft_model, optimizer)
+
+    peft_model.eval()
+    eval_batch = batches[0]["input_ids"]
+
+    def infer(m=peft_model):
+        with torch.no_grad():
+            m(input_ids=eval_batch)
+
+    if spec["kind"] != "full":
+        with tempfile.TemporaryDirectory() as folder:
+            peft_model.save_pretrained(folder, save_embedding_layers=False)
+            result["file_bytes"] = sum(f.stat().st_size for f in Path(folder).glob("adapter_model.*"))
+        infer()
+        result["unmerged_infer_s"] = statistics.median(timed(infer, 3, args.device))
+        start = time.perf_counter()
+        merged = peft_model.merge_and_unload() if spec.get("bits") != 8 else None
+        result["merge_s"] = time.perf_counter() - start if merged is not None else None
+        if merged is not None:
+            infer(merged)
+            result["merged_infer_s"] = statistics.median(timed(lambda: infer(merged), 3, args.device))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- parent ------
+def fmt(value, spec: str = ".2f", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
+    by = {r["method"]: r for r in results}
+    full = by.get("full")
+    lora = by.get("lora-r16")
+    lines = [
+        "| method | trainable | step s | x full | x LoRA | peak RSS MB | saved B/targeted param vs full | "
+        "train-state MB | adapter file MB | merge s | unmerged/merged latency |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if "step_s" not in r:
+            continue
+        saved = None
+        if full and r is not full:
+            saved = (full["peak_rss_mb"] - r["peak_rss_mb"]) * 2**20 / r["targeted_params"]
+        latency = r.get("unmerged_infer_s") / r["merged_infer_s"] if r.get("merged_infer_s") else None
+        lines.append(
+            f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.2f} | {fmt(full and r['step_s'] / full['step_s'])} "
+            f"| {fmt(lora and r['step_s'] / lora['step_s'])} | {r['peak_rss_mb']:.0f} | {fmt(saved, '.1f')} | "
+            f"{sum(r['state_bytes'].values()) / 2**20:.0f} | {fmt(r.get('file_bytes') and r['file_bytes'] / 2**20)} | "
+            f"{fmt(r.get('merge_s'))} | {fmt(latency)} |"
+        )
+    notes = []
+    if full:
+        eight = by.get("cpl-e0.3-8bit")
+        if eight:
+            net = (eight["peak_rss_mb"] - eight["rss_start_mb"]) / (full["peak_rss_mb"] - full["rss_start_mb"])
+            notes.append(
+                f"- CPL (density 0.3) on an 8-bit base peaks at {eight['peak_rss_mb']:.0f} MB RSS = "
+                f"{eight['peak_rss_mb'] / full['peak_rss_mb']:.0%} of full fine-tuning's {full['peak_rss_mb']:.0f} MB "
+                f"(net of the {full['rss_start_mb']:.0f} MB interpreter baseline: {net:.0%})."
+            )
+    if "select" in by:
+        s = by["select"]
+        notes.append(
+            f"- Selection: {s['select_per_example_s']:.3f} s per example of M and I, against "
+            f"{s['fwd_bwd_per_example_s']:.3f} s for one forward+backward pass of the full model per example "
+            f"(ratio {s['select_per_example_s'] / s['fwd_bwd_per_example_s']:.2f})."
+        )
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}, device {args.device}"
+    if args.device == "cuda":
+        machine += f" ({torch.cuda.get_device_name()})"
+    header = [
+        f"Command: `{command}`",
+        f"Machine: {machine}; batch {args.batch} x {args.seq} tokens; median of {args.steps} steps after 2 warm-up.",
+        "",
+    ]
+    return "\n".join(header + lines + [""] + notes) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args)))
+        return
+    results = []
+    for name in args.methods:
+        print(f"[perf] {name} ...", flush=True)
+        command = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--device", args.device]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            print(done.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"method {name} failed")
+        results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+        print(f"       {json.dumps({k: v for k, v in results[-1].items() if k.endswith('_s')})}", flush=True)
+    command = "python benchmarks/perf.py " + " ".join(sys.argv[1:])
+    text = report(results, args, command.strip())
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    args.output.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
