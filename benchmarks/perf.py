@@ -122,6 +122,7 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     if spec["kind"] == "select":
         peft_model = get_peft_model(model, peft_cpl.CPLConfig())
         examples = len(batches) * args.batch
+        peft_cpl.select_collaborative(peft_model, batches[:1], batches[1:2], progress=False)  # warm-up
         start = time.perf_counter()
         peft_cpl.select_collaborative(peft_model, batches[:2], batches[2:], progress=False)
         result["select_s"] = time.perf_counter() - start
