@@ -1,11 +1,13 @@
-"""The README's demo: teach SmolLM2-135M-Instruct capitals it does not know, with CPL, and count what it forgets.
+"""The README's demo: teach SmolLM2-135M-Instruct capitals it does not know, and count what it forgets.
 
-    python -m peft_cpl.demo            (what `make demo` runs; about 5 minutes on 2 CPU cores)
+    python -m peft_cpl.demo            (what `make demo` runs; about 6 minutes on 2 CPU cores)
 
 Steps: ask the model the capital of every country in `countryinfo`; split into known (mastered) and unknown
-(injection); select the collaborative support from g_M (known capitals used as reference) and g_I (capitals to learn);
-train the sparse delta on the unknown capitals; after each epoch count learned capitals, forgotten reference capitals
-(in-set) and forgotten held-out known capitals (out-of-set). The adapter and selection report are saved at the end.
+(injection); then, from the same base weights and with the same data order, train on the unknown capitals with
+(1) full fine-tuning (AdamW) and (2) CPL: select the collaborative support from g_M (known capitals used as the
+reference set) and g_I (capitals to learn), and train the sparse delta with the per-step guard. After each epoch,
+count learned capitals, forgotten reference capitals (in-set) and forgotten held-out known capitals (out-of-set).
+The CPL adapter and its selection report are saved at the end.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--injection", type=int, default=24, help="unknown capitals to teach")
     parser.add_argument("--mastered", type=int, default=24, help="known capitals used as the reference set M")
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (both methods)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--density", type=float, default=None, help="cap on the support (default: all collaborative)")
-    parser.add_argument("--guard", action="store_true", help="also apply the paper's per-step rule")
+    parser.add_argument("--no-guard", action="store_true", help="CPL with the static support only")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the full fine-tuning comparison")
+    parser.add_argument("--plot", type=Path, default=None, help="save the selection figure (PNG) here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("outputs/demo-adapter"))
     return parser.parse_args(argv)
@@ -49,51 +53,63 @@ def main(argv: list[str] | None = None) -> None:
     base, tokenizer = load_default_model()
     facts = country_facts(["capital"])
     print(f"Asking it the capital of {len(facts)} countries ...")
-    correct = predict(base, tokenizer, facts, batch_size=32)
-    known, unknown = split_by_correctness(correct, facts)
+    known, unknown = split_by_correctness(predict(base, tokenizer, facts, batch_size=32), facts)
     print(f"  knows {len(known)}, does not know {len(unknown)}")
     rng = random.Random(args.seed)
     rng.shuffle(known)
     rng.shuffle(unknown)
     injection, mastered, held_out = unknown[: args.injection], known[: args.mastered], known[args.mastered :]
-    print(f"  teaching {len(injection)}; reference set M: {len(mastered)}; held-out known: {len(held_out)}")
-
-    model = get_peft_model(base, CPLConfig(target_modules="all-linear", density=args.density))
+    print(f"  teaching {len(injection)}; reference set M: {len(mastered)}; held-out known capitals: {len(held_out)}")
     mastered_batches = make_batches(tokenizer, mastered, args.batch_size)
     injection_batches = make_batches(tokenizer, injection, args.batch_size, seed=args.seed)
+
+    def run(label: str, model: torch.nn.Module, guard: CollaborativeGuard | None) -> list[tuple]:
+        rows: list[tuple] = []
+
+        def evaluate(epoch: int) -> None:
+            after = predict(model, tokenizer, injection + mastered + held_out, batch_size=32)
+            in_set, out_of_set = injection_outcome(after, mastered, injection), injection_outcome(after, held_out, [])
+            rows.append((epoch + 1, in_set.learned, in_set.forgotten, out_of_set.forgotten))
+            held = f"{out_of_set.forgotten}/{len(held_out)}"
+            print(f"  [{label}] epoch {epoch + 1}: {in_set}; held-out forgotten {held}")
+
+        optimizer = make_optimizer(model, "adamw", args.lr)
+        train(model, injection_batches, epochs=args.epochs, optimizer=optimizer, guard=guard, seed=args.seed,
+              on_epoch_end=evaluate)
+        return rows
+
+    results = {}
+    if not args.no_baseline:
+        print(f"\nFull fine-tuning (AdamW, lr {args.lr}, {args.epochs} epochs) ...")
+        for param in base.parameters():
+            param.requires_grad_(True)
+        results["full fine-tuning"] = run("full", base, None)
+        base, tokenizer = load_default_model()  # the same base weights again
+
+    label = "CPL" if args.no_guard else "CPL + guard"
+    print(f"\n{label} (AdamW, lr {args.lr}, {args.epochs} epochs) ...")
+    model = get_peft_model(base, CPLConfig(target_modules="all-linear", density=args.density))
     report = select_collaborative(model, mastered_batches, injection_batches)
     summary = report.summary()
     print(
-        f"Selection: {summary['collaborative_fraction']:.1%} of targeted coordinates are collaborative, "
+        f"  selection: {summary['collaborative_fraction']:.1%} of targeted coordinates are collaborative, "
         f"{summary['conflicting_fraction']:.1%} conflicting; cos(g_M, g_I) = {summary['cosine']:+.3f}; "
-        f"training {summary['support']:,} values ({summary['support_fraction']:.1%})."
+        f"training {summary['support']:,} values ({summary['support_fraction']:.1%} of the targeted weights)"
     )
-    model.print_trainable_parameters()
-
-    evaluated = injection + mastered + held_out
-    rows = []
-
-    def evaluate(epoch: int) -> None:
-        after = predict(model, tokenizer, evaluated, batch_size=32)
-        in_set = injection_outcome(after, mastered, injection)
-        out_of_set = injection_outcome(after, held_out, injection)
-        rows.append((epoch + 1, in_set.learned, in_set.forgotten, out_of_set.forgotten))
-        print(f"  epoch {epoch + 1}: {in_set}; held-out forgotten {out_of_set.forgotten}/{len(held_out)}")
-
-    guard = CollaborativeGuard(model, mastered=mastered_batches, refresh="epoch") if args.guard else None
-    optimizer = make_optimizer(model, "adamw", args.lr)
-    print(f"Training on the {len(injection)} unknown capitals ({args.epochs} epochs, AdamW lr {args.lr}) ...")
-    train(model, injection_batches, epochs=args.epochs, optimizer=optimizer, guard=guard, seed=args.seed,
-          on_epoch_end=evaluate)
-
+    if args.plot:
+        report.plot(args.plot)
+    guard = None if args.no_guard else CollaborativeGuard(model, mastered=mastered_batches, refresh="epoch")
+    results[label] = run("cpl", model, guard)
     model.save_pretrained(args.output, save_embedding_layers=False)
-    print("\n epoch | learned | forgotten (in-set) | forgotten (held-out)")
-    for epoch, learned, forgotten, held in rows:
-        print(f" {epoch:>5} | {learned:>3}/{len(injection):<3} | {forgotten:>8}/{len(mastered):<9} | "
-              f"{held:>6}/{len(held_out)}")
+
+    print(f"\n{'method':<18} epoch | learned | forgotten in-set | forgotten held-out")
+    for name, rows in results.items():
+        for epoch, learned, forgotten, held in rows:
+            print(f"{name:<18} {epoch:>5} | {learned:>3}/{len(injection):<3} | {forgotten:>7}/{len(mastered):<8} | "
+                  f"{held:>6}/{len(held_out)}")
     if guard is not None:
-        print(f"The guard reverted {guard.revert_fraction:.1%} of proposed coordinate updates.")
-    print(f"Adapter and selection report saved to {args.output}/ ({time.time() - started:.0f} s in all).")
+        print(f"The guard reverted {guard.revert_fraction:.1%} of the proposed coordinate updates.")
+    print(f"CPL adapter and selection report saved to {args.output}/ ({time.time() - started:.0f} s in all).")
 
 
 if __name__ == "__main__":
