@@ -128,8 +128,10 @@ class CPLLayer(BaseTunerLayer):
         if device.type == "meta":
             return
         for container in (self.cpl_values, self.cpl_indices, self.cpl_rows, self.cpl_mastered_sign):
-            if adapter_name in container and container[adapter_name].device != device:
-                tensor = container[adapter_name]
+            if adapter_name not in container:  # BufferDict has no .get()
+                continue
+            tensor = container[adapter_name]
+            if tensor.device != device and tensor.device.type != "meta":
                 if isinstance(tensor, nn.Parameter):
                     container[adapter_name] = nn.Parameter(tensor.data.to(device), requires_grad=tensor.requires_grad)
                 else:

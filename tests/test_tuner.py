@@ -311,3 +311,16 @@ def test_layer_selection_fields_and_modules_to_save(tmp_path):
         torch.testing.assert_close(case.output(loaded, ids), expected, rtol=0, atol=0)
         with loaded.disable_adapter():
             assert not torch.allclose(case.output(loaded, ids), expected)
+
+
+def test_low_cpu_mem_usage_loading(case, tmp_path):
+    model, original = make(case, support="random", density=0.2)
+    randomize_values(model, seed=3)
+    ids = case.inputs()
+    with torch.no_grad():
+        expected = case.output(model, ids)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(fresh_base(case, original), tmp_path, low_cpu_mem_usage=True)
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(case.output(loaded, ids), expected, rtol=0, atol=0)
