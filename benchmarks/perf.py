@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from timing import timed  # benchmarks/timing.py (scripts run with benchmarks/ on sys.path)
+
 METHODS = {
     "full": {"kind": "full"},
     "lora-r16": {"kind": "lora", "r": 16},
@@ -58,19 +60,6 @@ def parse_args() -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------- worker ------
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def timed(fn, repeats: int, device: str) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def state_bytes(model, optimizer) -> dict[str, int]:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from peft_cpl import functional as SF
 from peft_cpl.support import expand_rows
+
+from timing import timed  # benchmarks/timing.py
 
 
 def gather_grad_linear(x, weight, indices, values, shape):
@@ -78,17 +79,9 @@ def strategies(x, weight, indices, values, shape, rows, row_values) -> dict:
 
 
 def measure(fn, repeats: int, device: str) -> float:
+    """Median milliseconds after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return statistics.median(timed(fn, repeats, device)) * 1000
 
 
 def main() -> None:
