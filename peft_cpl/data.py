@@ -13,7 +13,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 LETTERS = ("A", "B", "C", "D")
@@ -32,8 +32,11 @@ def item_kind(item: dict) -> str:
     raise ValueError("an item needs either 'label' (multiple choice, A-D) or a non-empty string 'answer' (fact)")
 
 
-def read_items(path: str | os.PathLike) -> list[dict]:
-    """Items of a JSONL file, each validated; errors name the file and line."""
+def read_items(path: str | os.PathLike, convert: Callable[[dict], dict] | None = None) -> list[dict]:
+    """Items of a JSONL file, each validated; errors name the file and line.
+
+    `convert` maps each record to an item first (the CLI uses it to accept chat and prompt/completion records).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such question file: {path}")
@@ -46,6 +49,8 @@ def read_items(path: str | os.PathLike) -> list[dict]:
                 item = json.loads(line)
                 if not isinstance(item, dict):
                     raise ValueError("each line must be a JSON object")
+                if convert is not None:
+                    item = convert(item)
                 item_kind(item)
             except (json.JSONDecodeError, ValueError) as error:
                 raise ValueError(f"{path}, line {number}: {error}") from None

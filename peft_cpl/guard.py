@@ -57,7 +57,13 @@ class CollaborativeGuard:
         }
         if not self.layers:
             raise ValueError(f"no CPL layers carry adapter '{self.adapter_name}'")
+        if not all(layer.cpl_ready[self.adapter_name] for layer in self.layers.values()):
+            raise ValueError(
+                f"CPL adapter '{self.adapter_name}' has no support yet: run select_collaborative(...) before creating "
+                "the guard (it guards the support's updates)."
+            )
         self.steps = 0
+        self._refreshed_at = 0  # step count at the last refresh: sign(g_M) from selection is fresh at step 0
         self._counts = torch.zeros(2, dtype=torch.int64)  # reverted, proposed coordinate updates (on the device)
         self._before: dict[str, torch.Tensor] | None = None
         if any(self.adapter_name not in layer.cpl_mastered_sign for layer in self.layers.values()):
@@ -93,11 +99,12 @@ class CollaborativeGuard:
             self.refresh()
 
     def on_epoch_start(self) -> None:
-        if self.refresh_policy == "epoch":
+        if self.refresh_policy == "epoch" and self.steps > self._refreshed_at:  # nothing moved since: still exact
             self.refresh()
 
     def refresh(self) -> None:
         """Recompute sign(g_M) on the support at the current weights: one forward+backward per mastered batch."""
+        self._refreshed_at = self.steps
         values = {name: self._values(layer) for name, layer in self.layers.items()}
         saved_grads = {name: v.grad for name, v in values.items()}
         flags = {name: v.requires_grad for name, v in values.items()}
@@ -143,6 +150,7 @@ class CollaborativeGuard:
     def state_dict(self) -> dict[str, Any]:
         return {
             "steps": self.steps,
+            "refreshed_at": self._refreshed_at,
             "counts": self._counts.cpu(),
             "signs": {name: layer.cpl_mastered_sign[self.adapter_name].cpu() for name, layer in self.layers.items()},
         }
@@ -157,6 +165,7 @@ class CollaborativeGuard:
         for name, layer in self.layers.items():
             layer.cpl_mastered_sign[self.adapter_name] = signs[name].to(layer._base_device(), torch.int8)
         self.steps, self._counts = state["steps"], state["counts"].clone()
+        self._refreshed_at = state.get("refreshed_at", self.steps)
 
 
 class GuardedOptimizer:

@@ -26,7 +26,7 @@ def save_guard_state(guard: CollaborativeGuard, path: str | os.PathLike) -> None
     temp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
     state = guard.state_dict()
     flat = {f"signs.{name}": sign.contiguous() for name, sign in state["signs"].items()}
-    flat["steps"] = torch.tensor([state["steps"]])
+    flat["steps"] = torch.tensor([state["steps"], state["refreshed_at"]])
     flat["counts"] = state["counts"]
     save_file(flat, temp)
     os.replace(temp, path)
@@ -36,7 +36,8 @@ def load_guard_state(guard: CollaborativeGuard, path: str | os.PathLike) -> None
     """Restore what `save_guard_state` wrote (the adapter's support must already be the saved one)."""
     flat = load_file(os.fspath(path))
     signs = {key.removeprefix("signs."): value for key, value in flat.items() if key.startswith("signs.")}
-    guard.load_state_dict({"signs": signs, "steps": int(flat["steps"][0]), "counts": flat["counts"]})
+    steps, refreshed_at = (int(value) for value in flat["steps"])
+    guard.load_state_dict({"signs": signs, "steps": steps, "refreshed_at": refreshed_at, "counts": flat["counts"]})
 
 
 class CollaborativeGuardCallback(TrainerCallback):

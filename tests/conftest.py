@@ -76,6 +76,15 @@ class Case:
         return out.pow(2).mean() if isinstance(out, torch.Tensor) else out.loss
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run faster on one thread than on two that spin-wait for cores shared with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CASES = {
     "llama": Case("llama", tiny_llama, ["q_proj", "v_proj", "down_proj", "embed_tokens"], 1000),
     "gpt2": Case("gpt2", tiny_gpt2, ["c_attn", "c_fc", "c_proj", "wpe"], 64),

@@ -134,3 +134,10 @@ def test_invalid_refresh_is_refused(refresh):
     model = get_peft_model(CASES["llama"].build(0), CPLConfig(target_modules=TARGETS, support="dense"))
     with pytest.raises(ValueError, match="refresh"):
         CollaborativeGuard(model, mastered=conflicting_data()[0], refresh=refresh)
+
+
+def test_guard_refuses_an_adapter_without_support():
+    mastered, _ = conflicting_data(4)
+    model = get_peft_model(CASES["llama"].build(0), CPLConfig(target_modules=TARGETS))  # not selected yet
+    with pytest.raises(ValueError, match="select_collaborative"):
+        CollaborativeGuard(model, mastered=mastered)
