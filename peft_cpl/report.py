@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,29 +117,74 @@ class SelectionReport:
         return cls.from_dict(json.loads((Path(directory) / REPORT_FILE).read_text()))
 
     def plot(self, path: str | os.PathLike) -> Path:
-        """Bar chart of the collaborative / conflicting / zero-gradient split per module, saved as an image."""
+        """Figure of the collaborative share per module, saved as an image.
+
+        Few modules: a stacked bar per module (collaborative / conflicting / zero gradient). Many modules in numbered
+        layers (a transformer): the collaborative share per layer, one line per module type, beside the overall split
+        per module type.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = [module.name.removeprefix("base_model.model.") for module in self.modules]
-        collaborative = [m.collaborative / max(m.numel, 1) for m in self.modules]
-        conflicting = [m.conflicting / max(m.numel, 1) for m in self.modules]
-        zero = [m.zero_gradient / max(m.numel, 1) for m in self.modules]
-        figure, axis = plt.subplots(figsize=(max(6, 0.18 * len(names) + 2), 4))
-        positions = range(len(names))
-        axis.bar(positions, collaborative, label="collaborative (s >= 0)", color="#2a9d8f")
-        axis.bar(positions, conflicting, bottom=collaborative, label="conflicting (s < 0)", color="#e76f51")
-        bottoms = [a + b for a, b in zip(collaborative, conflicting)]
-        axis.bar(positions, zero, bottom=bottoms, label="zero gradient", color="#bbbbbb")
-        axis.set_ylabel("fraction of coordinates")
-        axis.set_ylim(0, 1)
-        axis.set_title(f"CPL selection: cos(g_M, g_I) = {self.cosine:+.3f}")
-        axis.set_xticks(list(positions), names, rotation=90, fontsize=6)
-        axis.legend(loc="lower right", fontsize=7)
+        by_layer = _group_by_layer(self.modules)
+        if len(self.modules) <= 24 or by_layer is None:
+            figure, axis = plt.subplots(figsize=(max(6, 0.3 * len(self.modules) + 2), 4))
+            names = [m.name.removeprefix("base_model.model.") for m in self.modules]
+            _stacked_bars(axis, names, self.modules)
+        else:
+            figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+            for kind, points in by_layer.items():
+                layers = sorted(points)
+                left.plot(layers, [points[i].collaborative_fraction for i in layers], marker=".", label=kind)
+            left.set_xlabel("layer")
+            left.set_ylabel("collaborative fraction (s >= 0)")
+            left.set_ylim(0, 1)
+            left.axhline(0.5, color="#999999", linewidth=0.8, linestyle=":")
+            left.legend(fontsize=7, ncol=2)
+            totals = [_total(kind, list(points.values())) for kind, points in by_layer.items()]
+            _stacked_bars(right, list(by_layer), totals)
+        share = self.total("collaborative") / max(self.total("numel"), 1)
+        figure.suptitle(f"CPL selection: {share:.1%} collaborative, cos(g_M, g_I) = {self.cosine:+.3f}")
         figure.tight_layout()
         path = Path(path)
         figure.savefig(path, dpi=120)
         plt.close(figure)
         return path
+
+
+def _group_by_layer(modules: list[ModuleSelection]) -> dict[str, dict[int, ModuleSelection]] | None:
+    """{module type: {layer index: module}} when every name has a layer number, else None."""
+    groups: dict[str, dict[int, ModuleSelection]] = {}
+    for module in modules:
+        match = re.search(r"\.(\d+)\.(?:.*\.)?([^.]+)$", module.name)
+        if match is None:
+            return None
+        groups.setdefault(match.group(2), {})[int(match.group(1))] = module
+    return groups
+
+
+def _total(name: str, modules: list[ModuleSelection]) -> ModuleSelection:
+    return ModuleSelection(
+        name=name,
+        **{key: sum(getattr(m, key) for m in modules) for key in (
+            "numel", "collaborative", "conflicting", "zero_gradient", "support", "contribution", "mastered_sq",
+            "injection_sq",
+        )},
+    )
+
+
+def _stacked_bars(axis, names: list[str], modules: list[ModuleSelection]) -> None:
+    collaborative = [m.collaborative / max(m.numel, 1) for m in modules]
+    conflicting = [m.conflicting / max(m.numel, 1) for m in modules]
+    zero = [m.zero_gradient / max(m.numel, 1) for m in modules]
+    positions = list(range(len(names)))
+    axis.bar(positions, collaborative, label="collaborative (s >= 0)", color="#2a9d8f")
+    axis.bar(positions, conflicting, bottom=collaborative, label="conflicting (s < 0)", color="#e76f51")
+    axis.bar(positions, zero, bottom=[a + b for a, b in zip(collaborative, conflicting)], label="zero gradient",
+             color="#bbbbbb")
+    axis.set_ylabel("fraction of coordinates")
+    axis.set_ylim(0, 1)
+    axis.set_xticks(positions, names, rotation=90 if len(names) > 8 else 30, fontsize=7)
+    axis.legend(loc="lower right", fontsize=7)

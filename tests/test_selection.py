@@ -203,3 +203,18 @@ def test_report_table_dict_plot_and_saved_next_to_the_adapter(tmp_path):
     loaded = PeftModel.from_pretrained(case.build(0), tmp_path / "adapter")
     assert loaded.peft_config["default"].selection_report.to_dict() == report.to_dict()
     assert not list((tmp_path / "adapter").glob(".selection-*"))  # no temp file left behind
+
+
+def test_report_plot_groups_many_modules_by_layer(tmp_path):
+    from peft_cpl import ModuleSelection, SelectionReport
+
+    modules = [
+        ModuleSelection(f"base_model.model.model.layers.{layer}.mlp.{kind}", 100, 60 - layer, 40 + layer, 0, 60 - layer,
+                        1.0, 2.0, 3.0)
+        for layer in range(12)
+        for kind in ("up_proj", "down_proj")
+    ]
+    report = SelectionReport("default", "element", None, "injection", 4, 4, modules)
+    image = report.plot(tmp_path / "layers.png")
+    assert image.read_bytes()[:4] == b"\x89PNG"
+    assert report.summary()["collaborative_fraction"] == sum(60 - layer for layer in range(12)) * 2 / 2400
