@@ -209,8 +209,7 @@ def test_report_plot_groups_many_modules_by_layer(tmp_path):
     from peft_cpl import ModuleSelection, SelectionReport
 
     modules = [
-        ModuleSelection(f"base_model.model.model.layers.{layer}.mlp.{kind}", 100, 60 - layer, 40 + layer, 0, 60 - layer,
-                        1.0, 2.0, 3.0)
+        ModuleSelection(f"model.layers.{layer}.mlp.{kind}", 100, 60 - layer, 40 + layer, 0, 60 - layer, 1.0, 2.0, 3.0)
         for layer in range(12)
         for kind in ("up_proj", "down_proj")
     ]
