@@ -61,7 +61,7 @@ def test_fresh_process_restores_outputs_exactly(saved):
     assert "exact" in result.stdout
 
 
-def test_without_import_peft_explains_nothing_we_can_fix(saved):
+def test_loading_without_importing_peft_cpl_fails_naming_the_type(saved):
     """Documented limit: PEFT has no plugin entry points, so `import peft_cpl` must come first."""
     script = f"from peft import PeftConfig; PeftConfig.from_pretrained(r'{saved / 'adapter'}')"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
