@@ -185,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-md", type=Path, default=ROOT / "benchmarks" / "results" / "knowledge_injection.md")
     parser.add_argument("--output-json", type=Path, default=None, help="default: --output-md with .json")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                        help="train nothing: write --output-md from these saved reports (tasks run separately)")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -766,6 +768,22 @@ def markdown_task(result: dict, budget: float) -> list[str]:
     return lines
 
 
+def render(paths: list[Path]) -> dict:
+    """One report from several saved ones, so tasks run as separate jobs still give one table."""
+    reports = [json.loads(path.read_text()) for path in paths]
+    merged = {key: "; ".join(dict.fromkeys(str(report[key]) for report in reports))
+              for key in ("command", "machine", "model", "commit", "date")}
+    merged["methods"] = list(dict.fromkeys(name for report in reports for name in report["methods"]))
+    merged["tasks"] = {}
+    for path, report in zip(paths, reports):
+        for name, task in report["tasks"].items():
+            if "elapsed_minutes" in task:  # finished; a run that was stopped part-way leaves a partial task
+                merged["tasks"][name] = task
+            elif "runs" in task:
+                print(f"{path}: task {name} did not finish ({len(task['runs'])} runs); left out")
+    return merged
+
+
 def write_markdown(path: Path, report: dict, budget: float) -> None:
     lines = ["# Knowledge injection: learned vs forgotten", "",
              f"- Command: `{report['command']}`",
@@ -846,6 +864,11 @@ def git_commit() -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.render:
+        report = render(args.render)
+        write_markdown(args.output_md, report, args.forgetting_budget)
+        print(f"Wrote {args.output_md} from {len(args.render)} saved report(s).")
+        return report
     started = time.time()
     tasks = task_settings(args)
     methods = [BY_NAME[name] for name in args.methods]

@@ -1,8 +1,10 @@
 """Speed and memory of CPL training and inference on SmolLM2-135M, against full fine-tuning, LoRA and SHiRA.
 
 Every method runs in its own subprocess (a clean peak-RSS reading each) on the same batches; the parent prints one
-table with ratios against full fine-tuning (AdamW, fp32) measured in this same run. On CUDA the allocator peak
-(torch.cuda.max_memory_allocated) is reported too.
+table with ratios against full fine-tuning (AdamW, fp32) measured in this same run. Peak RSS is given for the whole
+process and for training alone (the kernel's peak counter is reset once the model is loaded: loading an 8-bit base
+reads the float checkpoint first, which says nothing about training). On CUDA the allocator peak
+(torch.cuda.max_memory_allocated) is recorded in the JSON too.
 
     python benchmarks/perf.py                       # all methods, CPU; writes benchmarks/results/perf.{md,json}
     python benchmarks/perf.py --methods full cpl-e0.3 lora-r16 --steps 5
@@ -15,6 +17,8 @@ granularity, not on which coordinates it holds. The cost of collaborative select
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import platform
@@ -39,6 +43,9 @@ METHODS = {
     **{f"cpl-r{d}": {"kind": "cpl", "density": d, "granularity": "row"} for d in (0.01, 0.1, 0.3, 0.5)},
     "cpl-e0.3+guard": {"kind": "cpl", "density": 0.3, "granularity": "element", "guard": True},
     "cpl-e0.3-8bit": {"kind": "cpl", "density": 0.3, "granularity": "element", "bits": 8},
+    "cpl-e0.3-8bit-adam8": {
+        "kind": "cpl", "density": 0.3, "granularity": "element", "bits": 8, "optimizer": "adamw8bit",
+    },
     "cpl-r0.3-8bit": {"kind": "cpl", "density": 0.3, "granularity": "row", "bits": 8},
     "lora-r16-8bit": {"kind": "lora", "r": 16, "bits": 8},
     "select": {"kind": "select"},
@@ -60,6 +67,23 @@ def parse_args() -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------- worker ------
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_training_peak() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM), so that the training peak excludes model loading (which for an
+    8-bit base reads the float checkpoint first). Linux only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def training_peak_mb() -> float | None:
+    with contextlib.suppress(OSError, StopIteration):
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    return None
 
 
 def state_bytes(model, optimizer) -> dict[str, int]:
@@ -92,6 +116,7 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     import peft_cpl
     from peft_cpl.default_model import load_default_model
     from peft_cpl.losses import summed_example_loss
+    from peft_cpl.training import make_optimizer
 
     spec = METHODS[name]
     torch.manual_seed(0)
@@ -112,9 +137,15 @@ def worker(name: str, args: argparse.Namespace) -> dict:
         peft_model = get_peft_model(model, peft_cpl.CPLConfig())
         examples = len(batches) * args.batch
         peft_cpl.select_collaborative(peft_model, batches[:1], batches[1:2], progress=False)  # warm-up
+        # Two sizes: the difference is the cost per example; the rest is the one-off cost of building the supports.
+        start = time.perf_counter()
+        peft_cpl.select_collaborative(peft_model, batches[:1], batches[1:2], progress=False)
+        small = time.perf_counter() - start
         start = time.perf_counter()
         peft_cpl.select_collaborative(peft_model, batches[:2], batches[2:], progress=False)
         result["select_s"] = time.perf_counter() - start
+        result["select_marginal_per_example_s"] = (result["select_s"] - small) / (examples / 2)
+        result["select_fixed_s"] = small - result["select_marginal_per_example_s"] * examples / 2
         full = peft_model.unload()
         for param in full.parameters():
             param.requires_grad_(True)
@@ -147,7 +178,7 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     ) - model.get_output_embeddings().weight.numel()
     result["trainable"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     result["targeted_params"] = targeted
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = make_optimizer(peft_model, spec.get("optimizer", "adamw"), lr=1e-5)
     stepper = optimizer
     if spec.get("guard"):
         for module in peft_model.modules():
@@ -164,11 +195,14 @@ def worker(name: str, args: argparse.Namespace) -> dict:
         stepper.step()
         step_index[0] += 1
 
+    gc.collect()
+    result["training_peak_reset"] = reset_training_peak()
     timed(step, 2, args.device)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result["step_s"] = statistics.median(timed(step, args.steps, args.device))
     result["peak_rss_mb"] = peak_rss_mb()
+    result["training_peak_rss_mb"] = training_peak_mb() if result["training_peak_reset"] else None
     if args.device == "cuda":
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["state_bytes"] = state_bytes(peft_model, optimizer)
@@ -205,20 +239,23 @@ def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
     full = by.get("full")
     lora = by.get("lora-r16")
     lines = [
-        "| method | trainable | step s | x full | x LoRA | peak RSS MB | saved B/targeted param vs full | "
-        "train-state MB | adapter file MB | merge s | unmerged/merged latency |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | trainable | step s | x full | x LoRA | peak RSS MB | training peak RSS MB | saved B/targeted "
+        "param vs full | train-state MB | adapter file MB | merge s | unmerged/merged latency |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "step_s" not in r:
             continue
         saved = None
         if full and r is not full:
-            saved = (full["peak_rss_mb"] - r["peak_rss_mb"]) * 2**20 / r["targeted_params"]
+            key = "training_peak_rss_mb" if full.get("training_peak_rss_mb") and r.get("training_peak_rss_mb") else (
+                "peak_rss_mb")
+            saved = (full[key] - r[key]) * 2**20 / r["targeted_params"]
         latency = r.get("unmerged_infer_s") / r["merged_infer_s"] if r.get("merged_infer_s") else None
         lines.append(
             f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.2f} | {fmt(full and r['step_s'] / full['step_s'])} "
-            f"| {fmt(lora and r['step_s'] / lora['step_s'])} | {r['peak_rss_mb']:.0f} | {fmt(saved, '.1f')} | "
+            f"| {fmt(lora and r['step_s'] / lora['step_s'])} | {r['peak_rss_mb']:.0f} | "
+            f"{fmt(r.get('training_peak_rss_mb'), '.0f')} | {fmt(saved, '.1f')} | "
             f"{sum(r['state_bytes'].values()) / 2**20:.0f} | {fmt(r.get('file_bytes') and r['file_bytes'] / 2**20)} | "
             f"{fmt(r.get('merge_s'))} | {fmt(latency)} |"
         )
@@ -232,12 +269,21 @@ def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
                 f"{eight['peak_rss_mb'] / full['peak_rss_mb']:.0%} of full fine-tuning's {full['peak_rss_mb']:.0f} MB "
                 f"(net of the {full['rss_start_mb']:.0f} MB interpreter baseline: {net:.0%})."
             )
+            if eight.get("training_peak_rss_mb") and full.get("training_peak_rss_mb"):
+                notes.append(
+                    f"- During training only (peak counter reset after loading): {eight['training_peak_rss_mb']:.0f} "
+                    f"MB vs {full['training_peak_rss_mb']:.0f} MB = "
+                    f"{eight['training_peak_rss_mb'] / full['training_peak_rss_mb']:.0%} of full fine-tuning."
+                )
     if "select" in by:
         s = by["select"]
         notes.append(
             f"- Selection: {s['select_per_example_s']:.3f} s per example of M and I, against "
             f"{s['fwd_bwd_per_example_s']:.3f} s for one forward+backward pass of the full model per example "
-            f"(ratio {s['select_per_example_s'] / s['fwd_bwd_per_example_s']:.2f})."
+            f"(ratio {s['select_per_example_s'] / s['fwd_bwd_per_example_s']:.2f}); per additional example "
+            f"{s['select_marginal_per_example_s']:.3f} s (ratio "
+            f"{s['select_marginal_per_example_s'] / s['fwd_bwd_per_example_s']:.2f}) plus a one-off "
+            f"{s['select_fixed_s']:.1f} s to build the supports."
         )
     machine = f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}, device {args.device}"
     if args.device == "cuda":

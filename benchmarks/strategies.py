@@ -2,12 +2,13 @@
 
 Strategies (one linear layer, forward + backward with gradients for the input and the delta values):
 - fold:        W + delta rebuilt (not kept) and one matmul; dense weight grad gathered to the support (the
-               library's path for fp32 bases)
+               library's path for fp32 bases at density >= functional.COORDINATEWISE_GRAD_BELOW)
 - additive:    base matmul + a matmul with the dense delta (the library's path for half-precision and quantized
                bases, where W + delta would round small updates away)
 - row:         whole output rows only: a small matmul with the (rows x in) block (the library's row path)
-- gather-grad: fold forward, but the values' gradient computed coordinate by coordinate (sum_t g[t,r] x[t,c])
-               instead of a dense grad_W GEMM (benchmark only: it loses everywhere on CPU, see the table)
+- gather:      fold forward, but the values' gradient computed coordinate by coordinate (sum_t g[t,r] x[t,c])
+               instead of a dense grad_W GEMM (the library's path below COORDINATEWISE_GRAD_BELOW, set from
+               this table: it wins only at the lowest densities)
 - csr:         additive with torch.sparse CSR for the delta (benchmark only)
 
     python benchmarks/strategies.py                   # SmolLM2 shapes, 512 tokens, CPU (or CUDA if present)
@@ -27,28 +28,18 @@ from peft_cpl.support import expand_rows
 from timing import timed  # benchmarks/timing.py
 
 
-def gather_grad_linear(x, weight, indices, values, shape):
-    """Fold forward, coordinate-wise backward for the values (chunked)."""
+def gradient_path(threshold: float, run):
+    """`run` with the library's coordinate-wise gradient forced on (threshold 1) or off (threshold 0)."""
 
-    class GatherGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, values):
-            ctx.save_for_backward(x, values)
-            return F.linear(x, SF.scatter_delta(shape, indices, values, base=weight))
+    def forced():
+        saved = SF.COORDINATEWISE_GRAD_BELOW
+        SF.COORDINATEWISE_GRAD_BELOW = threshold
+        try:
+            run()
+        finally:
+            SF.COORDINATEWISE_GRAD_BELOW = saved
 
-        @staticmethod
-        def backward(ctx, grad):
-            x, values = ctx.saved_tensors
-            grad_x = grad @ SF.scatter_delta(shape, indices, values, base=weight)
-            g_t, x_t = grad.reshape(-1, shape[0]).T.contiguous(), x.reshape(-1, shape[1]).T.contiguous()
-            rows, cols = indices // shape[1], indices % shape[1]
-            grad_values = torch.empty_like(values)
-            for start in range(0, indices.numel(), 16384):
-                part = slice(start, start + 16384)
-                grad_values[part] = (g_t[rows[part]] * x_t[cols[part]]).sum(1)
-            return grad_x, grad_values
-
-    return GatherGrad.apply(x, values)
+    return forced
 
 
 def csr_linear(x, weight, indices, values, shape):
@@ -69,11 +60,14 @@ def strategies(x, weight, indices, values, shape, rows, row_values) -> dict:
     def row():
         (F.linear(x, weight) + SF.row_delta_linear(x, rows, row_values, out_features)).sum().backward()
 
+    def fold():
+        SF.sparse_delta_linear(x, weight, None, indices, values, shape).sum().backward()
+
     return {
-        "fold": lambda: SF.sparse_delta_linear(x, weight, None, indices, values, shape).sum().backward(),
-        "additive": additive,
+        "fold": gradient_path(0.0, fold),
+        "additive": gradient_path(0.0, additive),
         "row": row,
-        "gather": lambda: gather_grad_linear(x, weight, indices, values, shape).sum().backward(),
+        "gather": gradient_path(1.0, fold),
         "csr": lambda: csr_linear(x, weight, indices, values, shape).sum().backward(),
     }
 

@@ -12,11 +12,8 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import textwrap
-import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,82 +22,23 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model
 
+from . import atomic
 from .config import GRANULARITIES, CPLConfig
-from .data import item_kind, read_items, write_items
+from .data import item_kind, write_items
 from .evaluation import debiased_split, injection_outcome, make_batches, predict, split_by_correctness
 from .guard import CollaborativeGuard
+from .records import RECORD_FORMATS, read_questions
 from .selection import RANKINGS, select_collaborative
 from .trainer import GUARD_STATE_FILE, load_guard_state, save_guard_state
 from .training import OPTIMIZERS, make_optimizer, train
 
 DEFAULT_MODEL = "smollm2"
 CHECKPOINT_DIR, STATE_FILE, OPTIMIZER_FILE = "checkpoint", "state.json", "optimizer.pt"
-RECORD_FORMATS = """\
-Question files are JSONL, one record per line:
-  {"question": ..., "label": "A"-"D"}                multiple choice (the question lists options "A: ...")
-  {"question": ..., "answer": ..., "response_prefix": ...}   free-form fact (prefix optional)
-  {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}   fact: last user message -> final reply
-  {"prompt": ..., "completion": ...}                  fact (strings, or lists of chat messages)
-  {"text": "The capital of Foo is Bar"}               fact: the text before its last word -> the last word
-An optional "id" names a record (default: <file stem>-<line>). The loss is on the answer tokens only.
-"""
-
-
 class CLIError(Exception):
     """A mistake in what the user asked for: printed as `error: ...`, exit status 2."""
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------
-def read_questions(path: str | os.PathLike) -> list[dict]:
-    """Items of a JSONL file (formats in RECORD_FORMATS), each validated; errors name the file and line."""
-    return read_items(path, convert=to_item)
-
-
-def to_item(record: dict) -> dict:
-    """Map a chat, prompt/completion or plain-text record to a free-form fact; items pass through unchanged."""
-    keep = {"id": record["id"]} if "id" in record else {}
-    if "question" in record:
-        return record
-    if "messages" in record:
-        question, answer = _from_messages(record["messages"])
-    elif "prompt" in record and "completion" in record:
-        prompt, completion = record["prompt"], record["completion"]
-        if isinstance(prompt, list) and isinstance(completion, list):
-            question, answer = _from_messages(prompt + completion)
-        elif isinstance(prompt, str) and isinstance(completion, str):
-            question, answer = prompt, completion
-        else:
-            raise ValueError("'prompt' and 'completion' must both be strings or both be lists of chat messages")
-    elif "text" in record:
-        if not isinstance(record["text"], str):
-            raise ValueError("'text' must be a string")
-        head, _, last = record["text"].strip().rpartition(" ")
-        if not head.strip():
-            raise ValueError("a 'text' record needs at least two words: the text up to its last word is the prompt")
-        return {**keep, "question": head.strip(), "response_prefix": head.strip(), "answer": last}
-    else:
-        raise ValueError(
-            "unrecognised record: expected 'question' with 'label' or 'answer', 'messages', 'prompt' + 'completion', "
-            "or 'text'"
-        )
-    return {**keep, "question": question, "answer": answer}
-
-
-def _from_messages(messages: object) -> tuple[str, str]:
-    """(last user message before the final assistant reply, that reply); earlier turns and system prompts drop."""
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise ValueError("'messages' must be a list of {'role', 'content'} objects")
-    if not messages or messages[-1].get("role") != "assistant":
-        raise ValueError("the last message must be the assistant's reply (the answer to learn)")
-    users = [m for m in messages[:-1] if m.get("role") == "user"]
-    if not users:
-        raise ValueError("no user message before the assistant's reply")
-    question, answer = users[-1].get("content"), messages[-1].get("content")
-    if not isinstance(question, str) or not isinstance(answer, str):
-        raise ValueError("message contents must be strings")
-    return question, answer
-
-
 def read_predictions(path: str | os.PathLike) -> dict[str, bool]:
     path = Path(path)
     if not path.is_file():
@@ -170,26 +108,10 @@ def check_output(path: Path, overwrite: bool) -> None:
 
 @contextmanager
 def staged_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """An empty folder next to `target` that replaces it (by renames) when the block succeeds; on failure it is
-    removed and `target` is left as it was."""
+    """`atomic.staged_dir`, refusing an existing target unless `overwrite`."""
     check_output(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic.staged_dir(target) as staging:
         yield staging
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        if target.exists():
-            target.rename(old)
-        try:
-            staging.rename(target)
-        except BaseException:
-            if old.exists():
-                old.rename(target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def check_file(path: str | None, overwrite: bool) -> None:
@@ -198,16 +120,7 @@ def check_file(path: str | None, overwrite: bool) -> None:
 
 
 def write_json(path: Path, data: object) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=1)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic.write_text(path, json.dumps(data, indent=1))
 
 
 def _accuracy(correct: dict[str, bool], items: list[dict]) -> str:
@@ -556,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(train_, default=None, note="; default: smollm2, or with --resume the checkpoint's")
     _add_output(train_, "the trained adapter and its checkpoint", replaced="the first epoch's checkpoint is written")
     train_.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
-    train_.add_argument("--optimizer", choices=tuple(OPTIMIZERS), help="torch optimizer (default: adamw)")
+    train_.add_argument("--optimizer", choices=tuple(OPTIMIZERS),
+                        help="default: adamw; adamw8bit = bitsandbytes' AdamW with 8-bit state (2 instead of 8 "
+                        "bytes per trained value)")
     train_.add_argument("--lr", type=float, help="learning rate (default: 3e-4)")
     train_.add_argument("--weight-decay", type=float, help="(default: 0)")
     train_.add_argument("--epochs", type=int, default=3, help="total number of epochs")

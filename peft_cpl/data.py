@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
+from . import atomic
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -62,19 +63,7 @@ def read_items(path: str | os.PathLike, convert: Callable[[dict], dict] | None =
 
 
 def write_items(path: str | os.PathLike, items: Iterable[dict]) -> Path:
-    """Write JSONL atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            for item in items:
-                stream.write(json.dumps(item, ensure_ascii=False) + "\n")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_text(path, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
 
 
 FACT_RELATIONS = {

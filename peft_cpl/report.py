@@ -6,9 +6,10 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from . import atomic
 
 REPORT_FILE = "selection_report.json"
 
@@ -99,17 +100,8 @@ class SelectionReport:
         return self.table()
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write selection_report.json atomically (temp file + rename)."""
         path = Path(directory) / REPORT_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=".selection-", suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w") as stream:
-                json.dump(self.to_dict(), stream, indent=1)
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        atomic.write_text(path, json.dumps(self.to_dict(), indent=1))
         return path
 
     @classmethod

@@ -15,21 +15,20 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .atomic import atomic_path
 from .guard import CollaborativeGuard
 
 GUARD_STATE_FILE = "cpl_guard.safetensors"
 
 
 def save_guard_state(guard: CollaborativeGuard, path: str | os.PathLike) -> None:
-    """Write the guard's state as safetensors, atomically (temp file in the same folder, then rename)."""
-    path = os.fspath(path)
-    temp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
+    """Write the guard's state as safetensors (atomically)."""
     state = guard.state_dict()
     flat = {f"signs.{name}": sign.contiguous() for name, sign in state["signs"].items()}
     flat["steps"] = torch.tensor([state["steps"], state["refreshed_at"]])
     flat["counts"] = state["counts"]
-    save_file(flat, temp)
-    os.replace(temp, path)
+    with atomic_path(path) as temp:
+        save_file(flat, os.fspath(temp))
 
 
 def load_guard_state(guard: CollaborativeGuard, path: str | os.PathLike) -> None:

@@ -13,9 +13,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peft_cpl.cli import main, read_questions, staged_dir
+from peft_cpl.cli import main, staged_dir
 from peft_cpl.data import write_items
 from peft_cpl.evaluation import debiased_split, injection_outcome, make_batches, predict
+from peft_cpl.records import read_questions
 from peft_cpl.report import SelectionReport
 
 from .conftest import FACTS, cpl_layers, facts_tokenizer, tiny_llama

@@ -8,20 +8,26 @@ from peft_cpl import functional as SF
 from peft_cpl.support import expand_rows
 
 
+def weight_numel(shape):
+    return shape[0] * shape[1]
+
+
 def _support(numel, density, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.sort(torch.randperm(numel, generator=generator)[: max(1, int(density * numel))]).values
 
 
+@pytest.mark.parametrize("density", [0.2, 0.002])  # dense-GEMM and coordinate-wise support gradients
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("with_base", [True, False])
-def test_sparse_delta_linear_matches_dense_autograd(transposed, with_base):
+def test_sparse_delta_linear_matches_dense_autograd(transposed, with_base, density):
     torch.manual_seed(0)
-    out_features, in_features = 24, 40
+    out_features, in_features = 48, 80
     shape = (in_features, out_features) if transposed else (out_features, in_features)
     weight = torch.randn(shape) if with_base else None
     bias = torch.randn(out_features) if with_base else None
-    indices = _support(out_features * in_features, 0.2).to(torch.int32)
+    indices = _support(out_features * in_features, density).to(torch.int32)
+    assert (indices.numel() < SF.COORDINATEWISE_GRAD_BELOW * weight_numel(shape)) == (density < 0.003)
     values = torch.randn(indices.numel(), requires_grad=True)
     x = torch.randn(3, 5, in_features, requires_grad=True)
 

@@ -86,3 +86,19 @@ def test_markdown_has_a_row_per_method(outputs):
         for method in METHODS:
             assert f"\n| {method} |" in best_table, (task, method)
         assert f"ki_{task}.png" in section
+
+
+def test_render_rebuilds_the_same_markdown_from_saved_reports(outputs, tmp_path):
+    """Tasks run as separate jobs (`--task facts`, `--task mcq`) are joined by `--render` into one report."""
+    report = json.loads((outputs / "ki.json").read_text())
+    parts = []
+    for name, task in report["tasks"].items():
+        part = tmp_path / f"{name}.json"
+        part.write_text(json.dumps({**report, "tasks": {name: task}}))
+        parts.append(str(part))
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--render", *parts, "--output-md", str(tmp_path / "joined.md")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert (tmp_path / "joined.md").read_text() == (outputs / "ki.md").read_text()

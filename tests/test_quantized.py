@@ -10,6 +10,7 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from peft_cpl import CPLConfig, CPLLayer
 from peft_cpl.bnb import merge_and_report, merge_into_float
+from peft_cpl.training import make_optimizer
 
 from .conftest import cpl_layers, randomize_values, tiny_llama
 
@@ -39,8 +40,9 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
+@pytest.mark.parametrize("optimizer_name", ["adamw", "adamw8bit"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_layers_wrap_quantized_linears_and_train(saved_base, bits):
+def test_layers_wrap_quantized_linears_and_train(saved_base, bits, optimizer_name):
     base = load(saved_base, bits)
     model = get_peft_model(base, CPLConfig(target_modules=TARGETS, support="random", density=0.3))
     layers = cpl_layers(model)
@@ -50,7 +52,8 @@ def test_layers_wrap_quantized_linears_and_train(saved_base, bits):
     stored.update({n: b.clone() for n, b in model.named_buffers()})
     before = logits(model)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = make_optimizer(model, optimizer_name, lr=1e-2)
+    assert isinstance(optimizer, bnb.optim.AdamW8bit) == (optimizer_name == "adamw8bit")
     for _ in range(3):
         optimizer.zero_grad()
         model(input_ids=IDS, labels=IDS).loss.backward()
