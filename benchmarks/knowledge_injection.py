@@ -61,7 +61,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import peft_cpl
-from peft_cpl import CollaborativeGuard, CPLConfig, CPLLayer, select_collaborative
+from peft_cpl import CollaborativeGuard, CPLConfig, CPLLayer, atomic, select_collaborative
 from peft_cpl.data import country_facts, read_items
 from peft_cpl.evaluation import debiased_split, encode, make_batches, predict, split_by_correctness
 from peft_cpl.training import make_optimizer, train
@@ -768,9 +768,20 @@ def markdown_task(result: dict, budget: float) -> list[str]:
     return lines
 
 
+REPORT_KEYS = {"command", "machine", "model", "commit", "date", "methods", "tasks"}
+
+
 def render(paths: list[Path]) -> dict:
     """One report from several saved ones, so tasks run as separate jobs still give one table."""
-    reports = [json.loads(path.read_text()) for path in paths]
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"--render: cannot read {path} as a report of this script ({error})") from None
+        missing = REPORT_KEYS - set(reports[-1]) if isinstance(reports[-1], dict) else REPORT_KEYS
+        if missing:
+            raise SystemExit(f"--render: {path} is JSON but not a report of this script (no {sorted(missing)})")
     merged = {key: "; ".join(dict.fromkeys(str(report[key]) for report in reports))
               for key in ("command", "machine", "model", "commit", "date")}
     merged["methods"] = list(dict.fromkeys(name for report in reports for name in report["methods"]))
@@ -781,6 +792,8 @@ def render(paths: list[Path]) -> dict:
                 merged["tasks"][name] = task
             elif "runs" in task:
                 print(f"{path}: task {name} did not finish ({len(task['runs'])} runs); left out")
+    if not merged["tasks"]:
+        raise SystemExit("--render: no finished task in these reports; nothing written")
     return merged
 
 
@@ -793,8 +806,7 @@ def write_markdown(path: Path, report: dict, budget: float) -> None:
                                       if m.name in report["methods"]), ""]
     for result in report["tasks"].values():
         lines += markdown_task(result, budget)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join(lines) + "\n")
 
 
 def plot_task(path: Path, result: dict) -> None:
@@ -905,8 +917,7 @@ def main(argv: list[str] | None = None) -> dict:
         return report
 
     def save() -> None:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps(report, indent=1))
+        atomic.write_text(args.output_json, json.dumps(report, indent=1))
 
     for task in tasks:
         task_started = time.time()

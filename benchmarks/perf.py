@@ -315,9 +315,10 @@ def main() -> None:
         print(f"       {json.dumps({k: v for k, v in results[-1].items() if k.endswith('_s')})}", flush=True)
     command = "python benchmarks/perf.py " + " ".join(sys.argv[1:])
     text = report(results, args, command.strip())
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    args.output.with_suffix(".md").write_text(text)
+    from peft_cpl import atomic  # here, not at the top: a worker's baseline RSS is read before peft_cpl loads
+
+    atomic.write_text(args.output.with_suffix(".json"), json.dumps(results, indent=1))
+    atomic.write_text(args.output.with_suffix(".md"), text)
     print(text)
 
 

@@ -12,38 +12,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 import torch
-from _tiny import save_tiny_model, tiny_facts  # examples/_tiny.py, for --tiny
+from _common import example_parser, known_and_unknown, model_and_facts  # examples/_common.py
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from peft_cpl import CPLConfig, select_collaborative
 from peft_cpl.bnb import merge_and_report, merge_into_float
-from peft_cpl.data import country_facts
-from peft_cpl.default_model import default_model_path
-from peft_cpl.evaluation import injection_outcome, make_batches, predict, split_by_correctness
+from peft_cpl.evaluation import injection_outcome, make_batches, predict
 from peft_cpl.training import make_optimizer, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny in-process model instead of SmolLM2 (seconds)")
-    parser.add_argument("--questions", type=int, default=80, help="country capitals to ask (real model)")
-    parser.add_argument("--teach", type=int, default=8, help="unknown facts to teach; as many known ones are kept")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, help="AdamW learning rate (default: 3e-4, tiny model 1e-2)")
-    parser.add_argument("--output", type=Path, default=Path("outputs/quantized-8bit"))
+    parser = example_parser(__doc__, questions=80, teach=8, output="outputs/quantized-8bit")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "inputs will be cast to float16": once per matmul
-    lr = args.lr or (1e-2 if args.tiny else 3e-4)
-    folder = save_tiny_model(args.output / "tiny-base") if args.tiny else default_model_path()
-    facts = tiny_facts() if args.tiny else country_facts(["capital"])[: args.questions]
+    folder, facts, lr = model_and_facts(args)
     tokenizer = AutoTokenizer.from_pretrained(folder)
 
     def load_8bit():
@@ -51,9 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
         return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.float32)
 
     base = load_8bit().eval()
-    known, unknown = split_by_correctness(predict(base, tokenizer, facts), facts)
-    mastered, injection = known[: args.teach], unknown[: args.teach]
-    print(f"The 8-bit model knows {len(known)} of {len(facts)} facts; teaching {len(injection)}.")
+    mastered, injection = known_and_unknown(base, tokenizer, facts, args.teach)
 
     model = get_peft_model(base, CPLConfig(target_modules="all-linear"))
     select_collaborative(model, make_batches(tokenizer, mastered, 8), make_batches(tokenizer, injection, 8))

@@ -12,28 +12,19 @@ the chat template and puts the loss on the completion only.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
-from _tiny import save_tiny_model, tiny_facts  # examples/_tiny.py, for --tiny
+from _common import example_parser, known_and_unknown, model_and_facts  # examples/_common.py
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from peft_cpl import CPLConfig, select_collaborative
-from peft_cpl.data import country_facts
-from peft_cpl.default_model import default_model_path
-from peft_cpl.evaluation import injection_outcome, make_batches, predict, split_by_correctness
+from peft_cpl.evaluation import injection_outcome, make_batches, predict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny in-process model instead of SmolLM2 (seconds)")
-    parser.add_argument("--questions", type=int, default=120, help="country capitals to ask (real model)")
-    parser.add_argument("--teach", type=int, default=16, help="unknown facts to teach; as many known ones are kept")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, help="AdamW learning rate (default: 3e-4, tiny model 1e-2)")
-    parser.add_argument("--output", type=Path, default=Path("outputs/trl-sft"))
+    parser = example_parser(__doc__, questions=120, teach=16, output="outputs/trl-sft")
     return parser.parse_args(argv)
 
 
@@ -48,15 +39,11 @@ def as_chat(item: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    lr = args.lr or (1e-2 if args.tiny else 3e-4)
-    folder = save_tiny_model(args.output / "tiny-base") if args.tiny else default_model_path()
-    facts = tiny_facts() if args.tiny else country_facts(["capital"])[: args.questions]
+    folder, facts, lr = model_and_facts(args)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
-    known, unknown = split_by_correctness(predict(base, tokenizer, facts), facts)
-    mastered, injection = known[: args.teach], unknown[: args.teach]
-    print(f"The model knows {len(known)} of {len(facts)} facts; teaching {len(injection)}, keeping {len(mastered)}.")
+    mastered, injection = known_and_unknown(base, tokenizer, facts, args.teach)
 
     trainer = SFTTrainer(
         model=base,

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import atomic
@@ -158,17 +158,12 @@ def _group_by_layer(modules: list[ModuleSelection]) -> dict[str, dict[int, Modul
 
 
 def _total(name: str, modules: list[ModuleSelection]) -> ModuleSelection:
-    return ModuleSelection(
-        name=name,
-        **{key: sum(getattr(m, key) for m in modules) for key in (
-            "numel", "collaborative", "conflicting", "zero_gradient", "support", "contribution", "mastered_sq",
-            "injection_sq",
-        )},
-    )
+    counts = [f.name for f in fields(ModuleSelection) if f.name != "name"]
+    return ModuleSelection(name=name, **{key: sum(getattr(m, key) for m in modules) for key in counts})
 
 
 def _stacked_bars(axis, names: list[str], modules: list[ModuleSelection]) -> None:
-    collaborative = [m.collaborative / max(m.numel, 1) for m in modules]
+    collaborative = [m.collaborative_fraction for m in modules]
     conflicting = [m.conflicting / max(m.numel, 1) for m in modules]
     zero = [m.zero_gradient / max(m.numel, 1) for m in modules]
     positions = list(range(len(names)))

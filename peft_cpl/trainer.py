@@ -25,7 +25,8 @@ def save_guard_state(guard: CollaborativeGuard, path: str | os.PathLike) -> None
     """Write the guard's state as safetensors (atomically)."""
     state = guard.state_dict()
     flat = {f"signs.{name}": sign.contiguous() for name, sign in state["signs"].items()}
-    flat["steps"] = torch.tensor([state["steps"], state["refreshed_at"]])
+    flat["steps"] = torch.tensor([state["steps"]])
+    flat["refreshed_at"] = torch.tensor([state["refreshed_at"]])
     flat["counts"] = state["counts"]
     with atomic_path(path) as temp:
         save_file(flat, os.fspath(temp))
@@ -35,8 +36,10 @@ def load_guard_state(guard: CollaborativeGuard, path: str | os.PathLike) -> None
     """Restore what `save_guard_state` wrote (the adapter's support must already be the saved one)."""
     flat = load_file(os.fspath(path))
     signs = {key.removeprefix("signs."): value for key, value in flat.items() if key.startswith("signs.")}
-    steps, refreshed_at = (int(value) for value in flat["steps"])
-    guard.load_state_dict({"signs": signs, "steps": steps, "refreshed_at": refreshed_at, "counts": flat["counts"]})
+    guard.load_state_dict({
+        "signs": signs, "steps": int(flat["steps"][0]), "refreshed_at": int(flat["refreshed_at"][0]),
+        "counts": flat["counts"],
+    })
 
 
 class CollaborativeGuardCallback(TrainerCallback):

@@ -20,7 +20,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 @pytest.fixture
 def example(monkeypatch):
-    """Import an example as a script would see it (examples/ on sys.path, for its `_tiny` helper)."""
+    """Import an example as a script would see it (examples/ on sys.path, for its `_common` and `_tiny` helpers)."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
 
     def load(name: str):

@@ -102,3 +102,21 @@ def test_render_rebuilds_the_same_markdown_from_saved_reports(outputs, tmp_path)
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert (tmp_path / "joined.md").read_text() == (outputs / "ki.md").read_text()
+
+
+def test_render_refuses_what_is_not_a_finished_report_and_keeps_the_old_output(tmp_path):
+    output = tmp_path / "ki.md"
+    output.write_text("previous report")
+    not_report = tmp_path / "other.json"
+    not_report.write_text(json.dumps({"hello": 1}))
+    unfinished = tmp_path / "unfinished.json"
+    keys = {"command": "", "machine": "", "model": "", "commit": "", "date": "", "methods": []}
+    unfinished.write_text(json.dumps({**keys, "tasks": {"facts": {"runs": []}}}))
+    for path, message in ((tmp_path / "missing.json", "cannot read"), (not_report, "not a report"),
+                          (unfinished, "no finished task")):
+        completed = subprocess.run(
+            [sys.executable, str(SCRIPT), "--render", str(path), "--output-md", str(output)],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )
+        assert completed.returncode != 0 and message in completed.stderr and "Traceback" not in completed.stderr
+    assert output.read_text() == "previous report"
