@@ -5,7 +5,11 @@ Importing this package registers the "CPL" method with PEFT, so `get_peft_model(
 entry points.
 """
 
-from ._registration import register
+from . import _quiet
+
+_quiet.install()  # before anything imports peft (which imports bitsandbytes)
+
+from ._registration import register  # noqa: E402
 
 register()
 

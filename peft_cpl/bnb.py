@@ -12,10 +12,10 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .bnb_weights import dequantized_weight
 from .layer import CPLLayer
 
 
@@ -112,7 +112,7 @@ def merge_into_float(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for name, module in list(base.named_modules()):
         if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
-            _replace(base, name, _float_module(module, _dequantized(module), dtype))
+            _replace(base, name, _float_module(module, dequantized_weight(module), dtype))
     _strip_quantization(base)
     return base.to(dtype)
 
@@ -124,13 +124,6 @@ def _strip_quantization(model: nn.Module) -> None:
             delattr(model, attribute)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-
-
-def _dequantized(module: nn.Module) -> torch.Tensor:
-    state = getattr(module, "state", None)
-    if state is not None and state.SCB is None:
-        state.SCB = module.weight.SCB
-    return dequantize_bnb_weight(module.weight, state=state if state is not None else module.weight.quant_state)
 
 
 def _float_module(original: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Module:

@@ -23,6 +23,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from . import atomic
+from .bnb_weights import keep_canonical_layout
 from .config import GRANULARITIES, CPLConfig
 from .data import item_kind, write_items
 from .evaluation import debiased_split, injection_outcome, make_batches, predict, split_by_correctness
@@ -81,6 +82,7 @@ def load_base(name: str | None, quantize: str | None = None):
             load_in_8bit=quantize == "8bit", load_in_4bit=quantize == "4bit", bnb_4bit_compute_dtype=torch.float32
         )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    keep_canonical_layout(model)  # the same 4-bit numbers on every CPU, before any evaluation (bnb_weights.py)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template:
         raise CLIError(f"the tokenizer in {path} has no chat template: prompts are built with it")

@@ -13,6 +13,7 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import bnb_weights
 from . import functional as SF
 from .codec import index_dtype, whole_rows
 from .config import CPLConfig
@@ -118,6 +119,15 @@ class CPLLayer(BaseTunerLayer):
         sign = torch.sign(mastered_gradient.detach()).to(device=self._base_device(), dtype=torch.int8)
         self.cpl_mastered_sign[adapter_name] = sign
 
+    def get_base_weight(self) -> torch.Tensor:
+        """The base weight in float (dequantized for 8-bit / 4-bit bases, whatever layout bitsandbytes chose)."""
+        bnb_weights.ensure_canonical_layout(self.get_base_layer())
+        return super().get_base_weight()
+
+    def set_base_weight(self, weight_data: torch.Tensor) -> None:
+        bnb_weights.ensure_canonical_layout(self.get_base_layer())
+        super().set_base_weight(weight_data)
+
     def _base_device(self) -> torch.device:
         weight = self.get_base_layer().weight
         return weight.device
@@ -217,7 +227,13 @@ class Linear(nn.Module, CPLLayer):
     def output_dim(self) -> int:
         return 1 if self.transposed else 0
 
+    def _apply(self, fn, recurse: bool = True):
+        # bitsandbytes' `.to()` moves a CPU-repacked 4-bit weight as it is (only `.cuda()` undoes the repacking).
+        bnb_weights.ensure_canonical_layout(self.get_base_layer())
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        bnb_weights.ensure_canonical_layout(self.get_base_layer())  # the CPU-packed 4-bit layout has no backward
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -9,6 +9,7 @@ from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .bnb_weights import keep_canonical_layout
 from .codec import CorruptRecordError, decode_support, encode_support, tensor_crc32
 from .config import CPLConfig
 from .layer import CPLLayer, Embedding, Linear
@@ -33,6 +34,9 @@ class CPLModel(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def _pre_injection_hook(self, model: nn.Module, config: CPLConfig, adapter_name: str) -> None:
+        # 4-bit weights that bitsandbytes repacked for its CPU kernel (any eval forward on an AVX512-BF16 CPU) would
+        # block gradients and be misread by merges; keep the whole model in the canonical layout (bnb_weights.py).
+        keep_canonical_layout(model)
         # Weights shared by several modules (tied embeddings) would get the delta in one place unmerged and in
         # every place once merged; remember them to refuse targeting them.
         owners: dict[int, list[str]] = {}

@@ -57,3 +57,37 @@ def test_gradients_and_support_match_the_dequantized_twin(twins):
         jaccard = (chosen_q & chosen_d).sum() / (chosen_q | chosen_d).sum()
         # coordinates with s near 0 flip with int8 activation rounding; the rest agree
         assert jaccard > 0.95, (name, float(jaccard))
+
+
+def test_selection_on_a_4bit_base_that_bitsandbytes_repacked_for_its_cpu_kernel(tmp_path):
+    """An eval forward on an AVX512-BF16 CPU repacks 4-bit weights; selection must see the weights they mean."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(seed=0).save_pretrained(tmp_path)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    case = CASES["llama"]
+    mastered, injection = batched(examples(case, 8, 11), 4), batched(examples(case, 8, 12), 4)
+    results = []
+    for packed in (False, True):
+        base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config).eval()
+        if packed:  # what bitsandbytes does by itself on such a CPU, forced here on any machine
+            for module in base.modules():
+                if isinstance(module, bnb.nn.Linear4bit):
+                    module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu(
+                        module.weight.data, module.weight.quant_state
+                    )
+        model = get_peft_model(base, CPLConfig(target_modules=TARGETS))
+        layers = cpl_layers(model)
+        g_m, _ = mean_weight_gradients(model, layers, mastered, progress=False)
+        select_collaborative(model, mastered, injection, progress=False)
+        results.append((g_m, {name: layer.cpl_indices["default"].long() for name, layer in layers.items()}))
+    (g_c, support_c), (g_p, support_p) = results
+    for name in g_c:  # equal up to bitsandbytes' bf16 rounding of absmax in its round trip
+        cosine = torch.nn.functional.cosine_similarity(g_c[name].reshape(-1), g_p[name].reshape(-1), dim=0)
+        assert cosine > 0.999, (name, float(cosine))
+        chosen_c = torch.zeros(g_c[name].numel(), dtype=torch.bool)
+        chosen_p = torch.zeros_like(chosen_c)
+        chosen_c[support_c[name]] = True
+        chosen_p[support_p[name]] = True
+        assert (chosen_c & chosen_p).sum() / (chosen_c | chosen_p).sum() > 0.95, name
