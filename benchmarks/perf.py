@@ -114,9 +114,9 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     from peft import LoraConfig, ShiraConfig, get_peft_model
 
     import peft_cpl
-    from peft_cpl.default_model import load_default_model
-    from peft_cpl.losses import summed_example_loss
-    from peft_cpl.training import make_optimizer
+    from peft_cpl.toolkit.default_model import load_default_model
+    from peft_cpl.toolkit.loop import make_optimizer
+    from peft_cpl.tuner.losses import summed_example_loss
 
     spec = METHODS[name]
     torch.manual_seed(0)
@@ -179,12 +179,11 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     result["trainable"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     result["targeted_params"] = targeted
     optimizer = make_optimizer(peft_model, spec.get("optimizer", "adamw"), lr=1e-5)
-    stepper = optimizer
     if spec.get("guard"):
         for module in peft_model.modules():
             if isinstance(module, peft_cpl.CPLLayer):
                 module.set_mastered_sign("default", torch.randn(module.cpl_values["default"].numel()))
-        stepper = peft_cpl.CollaborativeGuard(peft_model).wrap(optimizer)
+        peft_cpl.CollaborativeGuard(peft_model).attach(optimizer)
     peft_model.train()
     step_index = [0]
 
@@ -192,7 +191,7 @@ def worker(name: str, args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss = peft_model(**batches[step_index[0] % len(batches)]).loss
         loss.backward()
-        stepper.step()
+        optimizer.step()
         step_index[0] += 1
 
     gc.collect()
@@ -315,7 +314,7 @@ def main() -> None:
         print(f"       {json.dumps({k: v for k, v in results[-1].items() if k.endswith('_s')})}", flush=True)
     command = "python benchmarks/perf.py " + " ".join(sys.argv[1:])
     text = report(results, args, command.strip())
-    from peft_cpl import atomic  # here, not at the top: a worker's baseline RSS is read before peft_cpl loads
+    from peft_cpl.tuner import atomic  # here, not at the top: a worker's baseline RSS is read before peft_cpl loads
 
     atomic.write_text(args.output.with_suffix(".json"), json.dumps(results, indent=1))
     atomic.write_text(args.output.with_suffix(".md"), text)

@@ -22,8 +22,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from peft_cpl import functional as SF
-from peft_cpl.support import expand_rows
+from peft_cpl.tuner import functional as SF
+from peft_cpl.tuner.support import expand_rows
 
 from timing import timed  # benchmarks/timing.py
 

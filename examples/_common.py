@@ -8,9 +8,9 @@ from pathlib import Path
 
 from _tiny import save_tiny_model, tiny_facts
 
-from peft_cpl.data import country_facts
-from peft_cpl.default_model import default_model_path
-from peft_cpl.evaluation import predict, split_by_correctness
+from peft_cpl.toolkit.data import country_facts
+from peft_cpl.toolkit.default_model import default_model_path
+from peft_cpl.toolkit.evaluation import predict, split_by_correctness
 
 
 def example_parser(description: str, *, questions: int, teach: int, output: str) -> argparse.ArgumentParser:

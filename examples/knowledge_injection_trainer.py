@@ -19,7 +19,8 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from peft_cpl import CollaborativeGuard, CollaborativeGuardCallback, CPLConfig, select_collaborative
-from peft_cpl.evaluation import collate, encode, injection_outcome, make_batches, predict
+from peft_cpl.toolkit.batches import collate, encode, make_batches
+from peft_cpl.toolkit.evaluation import injection_outcome, predict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

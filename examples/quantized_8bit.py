@@ -19,9 +19,10 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from peft_cpl import CPLConfig, select_collaborative
-from peft_cpl.bnb import merge_and_report, merge_into_float
-from peft_cpl.evaluation import injection_outcome, make_batches, predict
-from peft_cpl.training import make_optimizer, train
+from peft_cpl.toolkit.batches import make_batches
+from peft_cpl.toolkit.evaluation import injection_outcome, predict
+from peft_cpl.toolkit.loop import make_optimizer, train
+from peft_cpl.tuner.merge import merge_and_report, merge_into_float
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

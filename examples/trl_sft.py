@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from peft_cpl import CPLConfig, select_collaborative
-from peft_cpl.evaluation import injection_outcome, make_batches, predict
+from peft_cpl.toolkit.batches import make_batches
+from peft_cpl.toolkit.evaluation import injection_outcome, predict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,7 +3,7 @@
 `import peft` imports bitsandbytes whenever it is installed (peft/helpers.py), and bitsandbytes 0.50 on an
 AVX512-BF16 CPU then logs "Failed to load CPU gemm_4bit_forward from kernels-community" unless the optional `kernels`
 package can fetch that kernel (never offline). It falls back to its own CPU kernel, and CPL never calls that kernel
-anyway: it keeps 4-bit weights in the canonical layout (bnb_weights.py). This module imports nothing, so the filter is
+anyway: it keeps 4-bit weights in the canonical layout (tuner/bnb.py). This module imports nothing, so the filter is
 in place before peft is imported.
 """
 

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import peft_cpl
 from peft_cpl import CPLLayer
+from peft_cpl.toolkit.tiny import item_texts, tiny_llama, tiny_llama_config, tiny_tokenizer  # noqa: F401
 
 
 class TinyMLP(nn.Module):
@@ -26,20 +27,6 @@ class TinyMLP(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.lin1(torch.relu(self.lin0(self.emb(input_ids))))
-
-
-def tiny_llama_config(**overrides) -> LlamaConfig:
-    settings = dict(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False,
-    )
-    settings.update(overrides)
-    return LlamaConfig(**settings)
-
-
-def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
@@ -120,27 +107,6 @@ def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
 assert peft_cpl.CPLConfig  # the import above registers CPL with PEFT for every test
 
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <|end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
-
-
-def tiny_tokenizer(texts: list[str]):
-    """A real (word-level) fast tokenizer with a chat template, built in-process from the words of `texts`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>", "A", "B", "C", "D"]
-    words = sorted({word for text in texts for word in text.split()} - set(specials))
-    vocab = {token: index for index, token in enumerate(specials + words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
 FACTS = [
     {"id": f"f{i}", "question": f"capital of land{i} ?", "answer": f"city{i}", "response_prefix": f"land{i} has"}
     for i in range(12)
@@ -151,5 +117,4 @@ FACTS = [
 
 
 def facts_tokenizer():
-    texts = [f"{item['question']} {item.get('answer', '')} {item.get('response_prefix', '')}" for item in FACTS]
-    return tiny_tokenizer(texts)
+    return tiny_tokenizer(item_texts(FACTS))

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from peft_cpl.atomic import atomic_path, write_text
+from peft_cpl.tuner.atomic import atomic_path, write_text
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):

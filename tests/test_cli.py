@@ -13,11 +13,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peft_cpl.cli import main, staged_dir
-from peft_cpl.data import write_items
-from peft_cpl.evaluation import debiased_split, injection_outcome, make_batches, predict
-from peft_cpl.records import read_questions
-from peft_cpl.report import SelectionReport
+from peft_cpl.toolkit.batches import make_batches
+from peft_cpl.toolkit.cli import main, staged_dir
+from peft_cpl.toolkit.data import write_items
+from peft_cpl.toolkit.evaluation import debiased_split, injection_outcome, predict
+from peft_cpl.toolkit.records import read_questions
+from peft_cpl.tuner.report import SelectionReport
 
 from .conftest import FACTS, cpl_layers, facts_tokenizer, tiny_llama
 

@@ -9,16 +9,10 @@ import torch
 from peft import get_peft_model
 
 from peft_cpl import CPLConfig, select_collaborative
-from peft_cpl.data import read_items, write_items
-from peft_cpl.evaluation import (
-    collate,
-    encode,
-    injection_outcome,
-    make_batches,
-    predict,
-    split_by_correctness,
-)
-from peft_cpl.training import make_optimizer, train
+from peft_cpl.toolkit.batches import collate, encode, make_batches
+from peft_cpl.toolkit.data import read_items, write_items
+from peft_cpl.toolkit.evaluation import injection_outcome, predict, split_by_correctness
+from peft_cpl.toolkit.loop import make_optimizer, train
 
 from .conftest import FACTS, facts_tokenizer, tiny_llama
 
@@ -101,7 +95,7 @@ def test_jsonl_io_reports_line_numbers(tmp_path):
 
 
 def test_country_facts_are_generated_offline():
-    from peft_cpl.data import country_facts
+    from peft_cpl.toolkit.data import country_facts
 
     facts = country_facts(["capital", "currency"])
     assert len(facts) > 400
@@ -112,7 +106,7 @@ def test_country_facts_are_generated_offline():
 
 
 def test_rotate_options_moves_the_label_with_its_option():
-    from peft_cpl.data import rotate_options
+    from peft_cpl.toolkit.data import rotate_options
 
     item = {"id": "q", "question": "Question: x?\nOptions:\nA: one\nB: two\nC: three\nD: four\n\nReply.", "label": "B"}
     for shift in range(4):
@@ -127,8 +121,8 @@ def test_rotate_options_moves_the_label_with_its_option():
 
 
 def test_debiased_split(tokenizer):
-    from peft_cpl.data import rotate_options
-    from peft_cpl.evaluation import debiased_split
+    from peft_cpl.toolkit.data import rotate_options
+    from peft_cpl.toolkit.evaluation import debiased_split
 
     known, unknown = FACTS[-2], FACTS[-1]
     training = [rotate_options(known, s) for s in range(4)]

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from peft_cpl.trainer import GUARD_STATE_FILE
+from peft_cpl.toolkit.hf_trainer import GUARD_STATE_FILE
 
 from .conftest import cpl_layers
 

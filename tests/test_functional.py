@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_cpl import functional as SF
-from peft_cpl.support import expand_rows
+from peft_cpl.tuner import functional as SF
+from peft_cpl.tuner.support import expand_rows
 
 
 def weight_numel(shape):

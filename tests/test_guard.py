@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from peft_cpl import CollaborativeGuard, CPLConfig, select_collaborative
-from peft_cpl.losses import summed_example_loss
+from peft_cpl.tuner.losses import summed_example_loss
 
 from .conftest import CASES, cpl_layers
 from .test_selection import batched
@@ -55,7 +55,7 @@ def one_sgd_step(lr: float, guarded: bool) -> float:
     before = mastered_loss(model, mastered)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     if guarded:
-        optimizer = CollaborativeGuard(model, mastered=mastered).wrap(optimizer)
+        CollaborativeGuard(model, mastered=mastered).attach(optimizer)
     loss, count = summed_example_loss(model, injection[0])
     (loss / count).backward()
     optimizer.step()
@@ -75,7 +75,8 @@ def test_guard_with_adamw_reverts_only_harmful_coordinates_and_keeps_optimizer_s
     mastered, injection = conflicting_data(1)
     model = get_peft_model(CASES["llama"].build(0), CPLConfig(target_modules=TARGETS, support="random", density=0.5))
     guard = CollaborativeGuard(model, mastered=mastered)
-    optimizer = guard.wrap(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    guard.attach(optimizer)
     layers = cpl_layers(model)
     before = {name: layer.cpl_values["default"].detach().clone() for name, layer in layers.items()}
     model.train()
@@ -97,7 +98,8 @@ def test_refresh_every_n_steps_and_state_round_trip():
     model = get_peft_model(CASES["llama"].build(0), CPLConfig(target_modules=TARGETS))
     select_collaborative(model, mastered, injection, progress=False)
     guard = CollaborativeGuard(model, mastered=mastered, refresh=2)
-    optimizer = guard.wrap(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    guard.attach(optimizer)
     first = {n: layer.cpl_mastered_sign["default"].clone() for n, layer in cpl_layers(model).items()}
     model.train()
     for _ in range(2):

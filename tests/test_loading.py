@@ -13,7 +13,8 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_cpl import CPLConfig
-from peft_cpl.codec import encode_support
+from peft_cpl.tuner.codec import encode_support
+from peft_cpl.tuner.support import Support
 
 from .conftest import cpl_layers, randomize_values, tiny_llama
 
@@ -28,7 +29,8 @@ def saved(tmp_path):
     for index, layer in enumerate(cpl_layers(model).values()):
         numel = layer.delta_shape[0] * layer.delta_shape[1]
         count = (index * 97) % numel
-        layer.set_support("default", torch.sort(torch.randperm(numel, generator=generator)[:count]).values)
+        chosen = torch.sort(torch.randperm(numel, generator=generator)[:count]).values
+        layer.set_support("default", Support.of_indices(chosen, layer.delta_shape))
     randomize_values(model)
     ids = torch.arange(16).reshape(2, 8)
     with torch.no_grad():
@@ -115,7 +117,7 @@ def test_indices_out_of_range(saved):
         key = "base_model.model.model.layers.0.self_attn.q_proj"
         values = tensors[f"{key}.cpl_values"]
         indices = torch.arange(values.numel()) * 0 + torch.arange(values.numel()) + (64 * 64 - values.numel() + 5)
-        record = encode_support(indices, (64, 64 + 1), values)  # valid for a wider weight...
+        record = encode_support(Support.of_indices(indices, (64, 64 + 1)), values)  # valid for a wider weight...
         record[12:28] = torch.frombuffer(bytearray(struct.pack("<2q", 64, 64)), dtype=torch.uint8)  # ...claims 64x64
         tensors[f"{key}.cpl_indices"] = record
 

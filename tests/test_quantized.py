@@ -9,9 +9,9 @@ import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from peft_cpl import CPLConfig, CPLLayer
-from peft_cpl.bnb import merge_and_report, merge_into_float
-from peft_cpl.bnb_weights import dequantized_weight, is_4bit, is_packed_for_cpu
-from peft_cpl.training import make_optimizer
+from peft_cpl.toolkit.loop import make_optimizer
+from peft_cpl.tuner.bnb import dequantized_weight, is_4bit, is_packed_for_cpu
+from peft_cpl.tuner.merge import merge_and_report, merge_into_float
 
 from .conftest import cpl_layers, randomize_values, tiny_llama
 
@@ -171,7 +171,7 @@ def test_lossless_merge_into_float(saved_base, tmp_path, bits, layout):
     reference = get_peft_model(twin, CPLConfig(target_modules=TARGETS, support="random", density=0.3))
     for name, layer in cpl_layers(reference).items():
         source = cpl_layers(quantized)[name]
-        layer.set_support("default", source.cpl_indices["default"].long(), source.cpl_values["default"].detach())
+        layer.set_support("default", source.support("default"), source.cpl_values["default"].detach())
     expected = logits(reference)
     quantized_out = logits(quantized)
     merged = merge_into_float(quantized)

@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 
 from peft_cpl import CPLConfig, select_collaborative
-from peft_cpl.gradients import mean_weight_gradients
+from peft_cpl.tuner.gradients import mean_weight_gradients
 
 from .conftest import CASES, cpl_layers, tiny_llama
 from .test_selection import batched, examples

@@ -14,7 +14,7 @@ from peft.utils import PeftType
 
 import peft_cpl
 from peft_cpl import CPLConfig, CPLModel
-from peft_cpl._registration import register
+from peft_cpl.tuner._registration import register
 
 from .conftest import tiny_llama
 
@@ -102,7 +102,7 @@ def test_enum_extension_works_on_each_supported_python(version, tmp_path):
         pytest.skip(f"python{version} is not installed here")
     script = tmp_path / "check.py"
     script.write_text(ENUM_CHECK)
-    source = Path(peft_cpl.__file__).with_name("_registration.py")
+    source = Path(peft_cpl.__file__).parent / "tuner" / "_registration.py"
     result = subprocess.run([interpreter, str(script), str(source)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")

@@ -7,8 +7,8 @@ import torch
 from peft import get_peft_model
 
 from peft_cpl import CPLConfig, select_collaborative
-from peft_cpl.gradients import mean_weight_gradients
-from peft_cpl.losses import token_losses
+from peft_cpl.tuner.gradients import mean_weight_gradients
+from peft_cpl.tuner.losses import token_losses
 
 from .conftest import CASES, base_state, cpl_layers
 

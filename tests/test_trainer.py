@@ -8,8 +8,8 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_cpl import CollaborativeGuard, CollaborativeGuardCallback, CPLConfig, select_collaborative
-from peft_cpl.losses import summed_example_loss
-from peft_cpl.trainer import GUARD_STATE_FILE
+from peft_cpl.toolkit.hf_trainer import GUARD_STATE_FILE
+from peft_cpl.tuner.losses import summed_example_loss
 
 from .conftest import cpl_layers, tiny_llama
 from .test_guard import conflicting_data

@@ -11,6 +11,7 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peft_cpl import CPLConfig
+from peft_cpl.tuner.support import Support
 
 from .conftest import Case, base_state, cpl_layers, randomize_values
 
@@ -275,7 +276,8 @@ def test_supports_of_different_sizes_decided_after_config(case, tmp_path):
     for index, layer in enumerate(cpl_layers(model).values()):
         numel = layer.delta_shape[0] * layer.delta_shape[1]
         count = [0, 1, numel // 7, numel][index % 4]
-        layer.set_support("default", torch.sort(torch.randperm(numel, generator=generator)[:count]).values)
+        chosen = torch.sort(torch.randperm(numel, generator=generator)[:count]).values
+        layer.set_support("default", Support.of_indices(chosen, layer.delta_shape))
     randomize_values(model, seed=9)
     ids = case.inputs()
     with torch.no_grad():

@@ -22,16 +22,17 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model
 
-from . import atomic
-from .bnb_weights import keep_canonical_layout
-from .config import GRANULARITIES, CPLConfig
+from ..tuner import atomic
+from ..tuner.bnb import keep_canonical_layout
+from ..tuner.config import GRANULARITIES, CPLConfig
+from ..tuner.guard import CollaborativeGuard
+from ..tuner.selection import RANKINGS, select_collaborative
+from .batches import make_batches
 from .data import item_kind, write_items
-from .evaluation import debiased_split, injection_outcome, make_batches, predict, split_by_correctness
-from .guard import CollaborativeGuard
+from .evaluation import debiased_split, injection_outcome, predict, split_by_correctness
+from .hf_trainer import GUARD_STATE_FILE, load_guard_state, save_guard_state
+from .loop import OPTIMIZERS, make_optimizer, train
 from .records import RECORD_FORMATS, read_questions
-from .selection import RANKINGS, select_collaborative
-from .trainer import GUARD_STATE_FILE, load_guard_state, save_guard_state
-from .training import OPTIMIZERS, make_optimizer, train
 
 DEFAULT_MODEL = "smollm2"
 CHECKPOINT_DIR, STATE_FILE, OPTIMIZER_FILE = "checkpoint", "state.json", "optimizer.pt"
@@ -82,7 +83,7 @@ def load_base(name: str | None, quantize: str | None = None):
             load_in_8bit=quantize == "8bit", load_in_4bit=quantize == "4bit", bnb_4bit_compute_dtype=torch.float32
         )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
-    keep_canonical_layout(model)  # the same 4-bit numbers on every CPU, before any evaluation (bnb_weights.py)
+    keep_canonical_layout(model)  # the same 4-bit numbers on every CPU, before any evaluation (tuner/bnb.py)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template:
         raise CLIError(f"the tokenizer in {path} has no chat template: prompts are built with it")
@@ -317,6 +318,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
+    from ..tuner.merge import merge_and_report, merge_into_float
+
     output = Path(args.output)
     check_output(output, args.overwrite)
     base, tokenizer = load_base(args.model, _quantize(args))
@@ -324,13 +327,12 @@ def cmd_merge(args: argparse.Namespace) -> None:
     quantized = getattr(base, "is_loaded_in_8bit", False) or getattr(base, "is_loaded_in_4bit", False)
     if args.requantize and not quantized:
         raise CLIError("--requantize applies to a quantized base (--load-in-8bit / --load-in-4bit)")
-    from . import bnb
 
     if quantized and args.requantize:
-        merged, report = bnb.merge_and_report(model)
+        merged, report = merge_and_report(model)
         print(report.table())
     elif quantized:
-        merged = bnb.merge_into_float(model)
+        merged = merge_into_float(model)
         print("merged losslessly into a float32 copy of the dequantized base (use --requantize to stay quantized)")
     else:
         merged = model.merge_and_unload()
@@ -343,8 +345,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from safetensors import safe_open
 
-    from .codec import decode_support
-    from .report import REPORT_FILE, SelectionReport
+    from ..tuner.codec import decode_support
+    from ..tuner.report import REPORT_FILE, SelectionReport
 
     folder = Path(args.adapter)
     config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
@@ -360,7 +362,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             if key.endswith(".cpl_indices"):
                 record = decode_support(handle.get_tensor(key))
                 name = key.removesuffix(".cpl_indices").removeprefix("base_model.model.")
-                rows.append((name, record.shape, record.indices.numel(), math.prod(record.shape),
+                rows.append((name, record.support.shape, record.support.size, math.prod(record.support.shape),
                              handle.get_slice(key).get_shape()[0]))
     print(f"CPL adapter {folder}: base {config.get('base_model_name_or_path')}, support {config.get('support')}, "
           f"granularity {config.get('granularity')}, density cap {config.get('density')}, "

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .atomic import atomic_path
-from .guard import CollaborativeGuard
+from ..tuner.atomic import atomic_path
+from ..tuner.guard import CollaborativeGuard
 
 GUARD_STATE_FILE = "cpl_guard.safetensors"
 
@@ -51,8 +51,12 @@ class CollaborativeGuardCallback(TrainerCallback):
 
     def __init__(self, guard: CollaborativeGuard) -> None:
         self.guard = guard
+        self._handle = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is None:
+            raise ValueError("CollaborativeGuardCallback needs the Trainer's optimizer at on_train_begin")
+        self._handle = self.guard.attach(optimizer)  # the torch optimizer's own step hooks
         if state.global_step > 0:  # resumed: the Trainer restored state from checkpoint-<global_step>
             path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", GUARD_STATE_FILE)
             if os.path.isfile(path):
@@ -78,12 +82,10 @@ class CollaborativeGuardCallback(TrainerCallback):
             self.guard.on_epoch_start()
         return control
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.guard.before_step()
-        return control
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.guard.after_step()
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
         return control
 
     def on_save(self, args, state, control, **kwargs):

@@ -23,16 +23,6 @@ def batch_size(batch: Any) -> int:
     raise ValueError("cannot tell the batch size: a batch must be a tensor or hold one (e.g. input_ids)")
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(value, device) for value in batch)
-    return batch
-
-
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-example mean cross-entropy of next-token predictions over the labelled positions (label != -100)."""
     shift_logits = logits[:, :-1].float()

@@ -1,4 +1,4 @@
-"""The knowledge-injection protocol: encode items, predict, split mastered / injection, count learned / forgotten.
+"""The knowledge-injection protocol: predict, split mastered / injection, count learned / forgotten.
 
 Prompts are the model's chat template of the question with the generation prompt added.
 - Multiple choice: the target is the answer letter's token right after the prompt; the prediction is the argmax of
@@ -6,71 +6,19 @@ Prompts are the model's chat template of the question with the generation prompt
 - Free-form fact: the target is the answer's tokens after the prompt and the optional response prefix; an item is
   correct when every answer token is the argmax given the gold tokens before it (teacher-forced greedy match). That is
   exactly "greedy decoding after the prefix starts with the gold answer", checked in one forward pass per batch.
-Training uses the same encoding, with the loss on the target tokens only.
+Training uses the same encoding (batches.py), with the loss on the target tokens only.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .batches import encode, letter_token_ids, pad_token_id
 from .data import LETTERS, item_kind
-
-
-@dataclass(frozen=True)
-class Encoded:
-    input_ids: list[int]  # prompt (+ prefix) + target tokens
-    target_start: int  # index of the first target token
-
-
-def letter_token_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.encode(letter, add_special_tokens=False) for letter in LETTERS]
-    if any(len(token) != 1 for token in ids):
-        raise ValueError("this tokenizer does not encode each of A, B, C, D as a single token")
-    return [token[0] for token in ids]
-
-
-def encode(tokenizer, item: dict) -> Encoded:
-    messages = [{"role": "user", "content": item["question"]}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if item_kind(item) == "mcq":
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-        return Encoded(prompt_ids + [letter_token_ids(tokenizer)[LETTERS.index(item["label"])]], len(prompt_ids))
-    prefix = item.get("response_prefix") or ""
-    prompt_ids = tokenizer.encode(prompt + prefix, add_special_tokens=False)
-    answer_ids = tokenizer.encode((" " if prefix and not prefix.endswith((" ", "+")) else "") + item["answer"].strip(),
-                                  add_special_tokens=False)
-    return Encoded(prompt_ids + answer_ids, len(prompt_ids))
-
-
-def collate(encoded: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; labels are -100 except on target tokens."""
-    width = max(len(e.input_ids) for e in encoded)
-    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    for row, example in enumerate(encoded):
-        length = len(example.input_ids)
-        input_ids[row, :length] = torch.tensor(example.input_ids)
-        attention_mask[row, :length] = 1
-        labels[row, example.target_start : length] = input_ids[row, example.target_start : length]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def make_batches(tokenizer, items: Sequence[dict], batch_size: int, seed: int | None = None) -> list[dict]:
-    """Training / selection batches; `seed` shuffles the items first (same seed, same order for every method)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = list(items)
-    if seed is not None:
-        random.Random(seed).shuffle(order)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode(tokenizer, item) for item in order]
-    return [collate(encoded[start : start + batch_size], pad_id) for start in range(0, len(encoded), batch_size)]
 
 
 @torch.no_grad()
@@ -84,7 +32,7 @@ def predict(model: nn.Module, tokenizer, items: Sequence[dict], batch_size: int 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     letters = None
     correct: dict[str, bool] = {}
     try:

@@ -1,7 +1,7 @@
 """Training records in the formats people already have (chat, prompt/completion, plain text) as question items.
 
-Items are what `peft_cpl.data` reads and `peft_cpl.evaluation` encodes; this module maps the other common record
-formats onto free-form fact items, so the CLI and user code accept the same files.
+Items are what `peft_cpl.toolkit.data` reads and `peft_cpl.toolkit.evaluation` encodes; this module maps the other
+common record formats onto free-form fact items, so the CLI and user code accept the same files.
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import bnb_weights
+from . import bnb
 from . import functional as SF
-from .codec import index_dtype, whole_rows
 from .config import CPLConfig
-from .support import choose_support, per_row, random_scores
+from .scoring import data_free_support
+from .support import Support, index_dtype
 
 
 class CPLLayer(BaseTunerLayer):
@@ -44,7 +44,6 @@ class CPLLayer(BaseTunerLayer):
         self.quantization_backend = resolve_quantization_backend(
             self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
         )
-        self.kwargs = kwargs
 
     # -- geometry ---------------------------------------------------------------------------------------------
     @property
@@ -64,53 +63,48 @@ class CPLLayer(BaseTunerLayer):
         self.cpl_indices[adapter_name] = torch.zeros(0, dtype=index_dtype(math.prod(self.delta_shape)))
         self.cpl_ready[adapter_name] = False
         if config.support != "collaborative":
-            self.set_support(adapter_name, self._initial_support(config, module_name))
+            weight = self.get_base_weight() if config.support == "magnitude" else None
+            support = data_free_support(
+                config.support, self.delta_shape, density=config.density, granularity=config.granularity,
+                output_dim=self.output_dim, seed=config.seed, module_name=module_name, weight=weight,
+            )
+            self.set_support(adapter_name, support)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _initial_support(self, config: CPLConfig, module_name: str) -> torch.Tensor:
-        shape = self.delta_shape
-        if config.support == "dense":
-            return torch.arange(math.prod(shape))
-        if config.support == "random":
-            scores = random_scores(shape, config.seed, module_name)
-            if config.granularity == "row":
-                scores = random_scores((shape[self.output_dim],), config.seed, module_name)
-        else:  # magnitude: largest |W| (row: largest L1 norm)
-            scores = self.get_base_weight().detach().float().abs()
-            if config.granularity == "row":
-                scores = per_row(scores, self.output_dim).sum(dim=1)
-        return choose_support(
-            scores, shape, density=config.density, granularity=config.granularity, output_dim=self.output_dim
-        )
-
-    def set_support(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
+    def set_support(self, adapter_name: str, support: Support, values: torch.Tensor | None = None) -> None:
         """Replace an adapter's support; its values restart at zero unless `values` are given."""
         if adapter_name not in self.cpl_values:
             raise KeyError(f"adapter '{adapter_name}' is not on this layer; available: {list(self.cpl_values)}")
-        numel = math.prod(self.delta_shape)
-        indices = indices.reshape(-1).to(torch.int64)
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
-            raise ValueError(f"support indices must lie in [0, {numel}) for a weight of shape {self.delta_shape}")
-        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
-            raise ValueError("support indices must be sorted and unique")
+        if not isinstance(support, Support):
+            raise TypeError(f"set_support takes a peft_cpl Support, got {type(support).__name__}")
+        rows_elsewhere = support.rows is not None and support.output_dim != self.output_dim
+        if support.shape != tuple(self.delta_shape) or rows_elsewhere:
+            raise ValueError(
+                f"support for a weight of shape {support.shape} (output dim {support.output_dim}); this layer's "
+                f"weight is {tuple(self.delta_shape)} (output dim {self.output_dim})"
+            )
         old = self.cpl_values[adapter_name]
         device = self._base_device()
         if values is None:
-            values = torch.zeros(indices.numel(), dtype=old.dtype, device=device)
-        elif values.numel() != indices.numel():
-            raise ValueError(f"got {values.numel()} values for {indices.numel()} support coordinates")
-        self.cpl_indices[adapter_name] = indices.to(device=device, dtype=index_dtype(numel))
+            values = torch.zeros(support.size, dtype=old.dtype, device=device)
+        elif values.numel() != support.size:
+            raise ValueError(f"got {values.numel()} values for {support.size} support coordinates")
+        self.cpl_indices[adapter_name] = support.indices.to(device=device, dtype=index_dtype(math.prod(support.shape)))
         self.cpl_values[adapter_name] = nn.Parameter(values.to(device=device, dtype=old.dtype).reshape(-1))
         self.cpl_values[adapter_name].requires_grad_(old.requires_grad)
-        rows = whole_rows(self.cpl_indices[adapter_name], self.delta_shape) if self.output_dim == 0 else None
-        if rows is not None:
-            self.cpl_rows[adapter_name] = rows.to(device)
+        if support.rows is not None:
+            self.cpl_rows[adapter_name] = support.rows.to(device)
         elif adapter_name in self.cpl_rows:
             del self.cpl_rows[adapter_name]
         if adapter_name in self.cpl_mastered_sign:
             del self.cpl_mastered_sign[adapter_name]  # belonged to the previous support
         self.cpl_ready[adapter_name] = True
+
+    def support(self, adapter_name: str) -> Support:
+        """The adapter's support on this layer, as the value selection made and the adapter file stores."""
+        rows = self.cpl_rows[adapter_name] if adapter_name in self.cpl_rows else None  # noqa: SIM401 (no .get)
+        return Support(tuple(self.delta_shape), self.cpl_indices[adapter_name].to(torch.int64), rows, self.output_dim)
 
     def set_mastered_sign(self, adapter_name: str, mastered_gradient: torch.Tensor) -> None:
         """Keep sign(g_M) at the support coordinates (1 byte each): all the guard needs of g_M."""
@@ -121,11 +115,11 @@ class CPLLayer(BaseTunerLayer):
 
     def get_base_weight(self) -> torch.Tensor:
         """The base weight in float (dequantized for 8-bit / 4-bit bases, whatever layout bitsandbytes chose)."""
-        bnb_weights.ensure_canonical_layout(self.get_base_layer())
+        bnb.ensure_canonical_layout(self.get_base_layer())
         return super().get_base_weight()
 
     def set_base_weight(self, weight_data: torch.Tensor) -> None:
-        bnb_weights.ensure_canonical_layout(self.get_base_layer())
+        bnb.ensure_canonical_layout(self.get_base_layer())
         super().set_base_weight(weight_data)
 
     def _base_device(self) -> torch.device:
@@ -197,7 +191,7 @@ class CPLLayer(BaseTunerLayer):
         weight = self.get_base_weight()
         in_place = self.quantization_backend is None
         target = weight if in_place else weight.clone()
-        target.view(-1).index_add_(0, indices, values.to(target.dtype), alpha=sign)
+        SF.add_delta_(target, indices, values, alpha=sign)
         if not in_place:
             self.set_base_weight(target)
 
@@ -229,11 +223,11 @@ class Linear(nn.Module, CPLLayer):
 
     def _apply(self, fn, recurse: bool = True):
         # bitsandbytes' `.to()` moves a CPU-repacked 4-bit weight as it is (only `.cuda()` undoes the repacking).
-        bnb_weights.ensure_canonical_layout(self.get_base_layer())
+        bnb.ensure_canonical_layout(self.get_base_layer())
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        bnb_weights.ensure_canonical_layout(self.get_base_layer())  # the CPU-packed 4-bit layout has no backward
+        bnb.ensure_canonical_layout(self.get_base_layer())  # the CPU-packed 4-bit layout has no backward
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -246,7 +240,9 @@ class Linear(nn.Module, CPLLayer):
         if all(name in self.cpl_rows for name in names):
             result = self.base_layer(x, *args, **kwargs)
             for name in names:
-                delta = SF.row_delta_linear(x, self.cpl_rows[name], self.cpl_values[name], self.out_features)
+                delta = SF.row_delta_linear(
+                    x, self.cpl_rows[name], self.cpl_values[name], self.out_features, self.transposed
+                )
                 result = result + delta.to(result.dtype)
             return result
         indices, values = self._stacked(names)

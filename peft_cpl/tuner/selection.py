@@ -1,7 +1,7 @@
 """Collaborative selection: g_M and g_I from hooks, s = g_M * g_I, support = {s >= 0 and g_I != 0} (capped).
 
-The algorithm as METHOD.md defines it, on top of `gradients.mean_weight_gradients` (exact mean gradients) and
-`support.choose_support` (scores -> support).
+The algorithm as METHOD.md defines it, on top of `gradients.mean_weight_gradients` (exact mean gradients),
+`scoring.collaborative_scores` (the rule) and `support.choose_support` (scores -> support).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import cpl_layers, resolve_adapter
 from .gradients import mean_weight_gradients
 from .losses import LossFn
 from .report import ModuleSelection, SelectionReport
-from .support import choose_support, per_row
-
-RANKINGS = ("injection", "contribution")
+from .scoring import RANKINGS, collaborative_scores
+from .support import choose_support
 
 
 def select_collaborative(
@@ -45,16 +45,14 @@ def select_collaborative(
     `density` and `granularity` default to the adapter's config, which is updated to what was used; the report is
     saved with the adapter by `save_pretrained`.
     """
-    adapter_name = adapter_name or _active_adapter(model)
+    adapter_name = resolve_adapter(model, adapter_name)
     config = model.peft_config[adapter_name]
     density = config.density if density is None else density
     granularity = granularity or config.granularity
     type(config)(density=density, granularity=granularity)  # validates both, with the config's own messages
     if ranking not in RANKINGS:
         raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
-    layers = {name: layer for name, layer in model.named_modules() if _has_adapter(layer, adapter_name)}
-    if not layers:
-        raise ValueError(f"no CPL layers carry adapter '{adapter_name}'")
+    layers = cpl_layers(model, adapter_name)
     for name, data in (("mastered", mastered), ("injection", injection)):
         if hasattr(data, "__len__") and len(data) == 0:
             raise ValueError(f"the {name} data is empty: selection needs at least one {name} example")
@@ -78,29 +76,17 @@ def select_collaborative(
     report = SelectionReport(adapter_name, granularity, density, ranking, n_mastered, n_injection)
     for name, layer in layers.items():
         g_m, g_i = g_mastered.pop(name), g_injection.pop(name)
-        indices = _collaborative_support(g_m, g_i, layer, density, granularity, ranking)
-        layer.set_support(adapter_name, indices.to(layer._base_device()))
-        layer.set_mastered_sign(adapter_name, g_m.reshape(-1)[indices.to(g_m.device)])
-        report.modules.append(_module_counts(name, g_m, g_i, indices.numel()))
+        scores, eligible = collaborative_scores(g_m, g_i, granularity, ranking, layer.output_dim)
+        support = choose_support(
+            scores, layer.delta_shape, eligible=eligible, density=density, granularity=granularity,
+            output_dim=layer.output_dim,
+        )
+        layer.set_support(adapter_name, support)
+        layer.set_mastered_sign(adapter_name, g_m.reshape(-1)[support.indices.to(g_m.device)])
+        report.modules.append(_module_counts(name, g_m, g_i, support.size))
     config.density, config.granularity = density, granularity
     config.selection_report = report
     return report
-
-
-def _collaborative_support(
-    g_m: torch.Tensor, g_i: torch.Tensor, layer, density: float | None, granularity: str, ranking: str
-) -> torch.Tensor:
-    contribution = g_m * g_i
-    if granularity == "element":
-        eligible = (contribution >= 0) & (g_i != 0)
-        scores = g_i.abs() if ranking == "injection" else contribution
-        return choose_support(scores, layer.delta_shape, eligible=eligible, density=density)
-    row_contribution = per_row(contribution, layer.output_dim).sum(dim=1)
-    eligible = (row_contribution >= 0) & per_row(g_i != 0, layer.output_dim).any(dim=1)
-    scores = per_row(g_i.square(), layer.output_dim).sum(dim=1) if ranking == "injection" else row_contribution
-    return choose_support(
-        scores, layer.delta_shape, eligible=eligible, density=density, granularity="row", output_dim=layer.output_dim
-    )
 
 
 def _module_counts(name: str, g_m: torch.Tensor, g_i: torch.Tensor, support: int) -> ModuleSelection:
@@ -118,17 +104,3 @@ def _module_counts(name: str, g_m: torch.Tensor, g_i: torch.Tensor, support: int
         mastered_sq=float(g_m.square().sum()),
         injection_sq=float(g_i.square().sum()),
     )
-
-
-def _has_adapter(module: nn.Module, adapter_name: str) -> bool:
-    from .layer import CPLLayer
-
-    return isinstance(module, CPLLayer) and adapter_name in module.cpl_values
-
-
-def _active_adapter(model: nn.Module) -> str:
-    active = model.active_adapters if hasattr(model, "active_adapters") else ["default"]
-    active = [active] if isinstance(active, str) else list(active)
-    if len(active) != 1:
-        raise ValueError(f"several adapters are active ({active}); pass adapter_name=")
-    return active[0]

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from . import atomic
+from ..tuner import atomic
 
 LETTERS = ("A", "B", "C", "D")
 

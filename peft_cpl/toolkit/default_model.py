@@ -67,7 +67,7 @@ def load_default_model(dtype: torch.dtype = torch.float32, load_in_8bit: bool = 
     """(model, tokenizer) of SmolLM2-135M-Instruct, optionally as a bitsandbytes 8-bit / 4-bit model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from .bnb_weights import keep_canonical_layout
+    from ..tuner.bnb import keep_canonical_layout
 
     path = default_model_path()
     kwargs: dict = {"dtype": dtype}
@@ -76,6 +76,6 @@ def load_default_model(dtype: torch.dtype = torch.float32, load_in_8bit: bool = 
             load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, bnb_4bit_compute_dtype=dtype
         )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    keep_canonical_layout(model)  # the same 4-bit numbers on every CPU, before any evaluation (bnb_weights.py)
+    keep_canonical_layout(model)  # the same 4-bit numbers on every CPU, before any evaluation (tuner/bnb.py)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer

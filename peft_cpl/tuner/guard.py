@@ -4,6 +4,9 @@ After each optimizer step, a support coordinate whose change Δ raises the maste
 (Δ · g_M > 0, i.e. the paper's u · g_M < 0 for the descent direction u = -Δ / lr) is put back to its value before
 the step. The optimizer's own state is left as the step made it, as the authors do with Adam. Only sign(g_M) on the
 support is kept (int8, one byte per coordinate); it is refreshed never, every N steps, or at each epoch.
+
+`attach(optimizer)` hooks the guard onto any torch optimizer through its own step hooks (`register_step_pre_hook` /
+`register_step_post_hook`), so it works with an optimizer a Trainer or accelerate builds, without a wrapper.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from .adapters import cpl_layers, resolve_adapter
 from .layer import CPLLayer
-from .losses import LossFn, summed_example_loss, to_device
+from .losses import LossFn, summed_example_loss
 
 REFRESH_CHOICES = ("never", "epoch")
 
@@ -48,15 +54,8 @@ class CollaborativeGuard:
         if refresh != "never" and mastered is None:
             raise ValueError(f"refresh={refresh!r} recomputes g_M, so the guard needs mastered=... batches")
         self.model, self.mastered, self.loss_fn, self.refresh_policy = model, mastered, loss_fn, refresh
-        active = getattr(model, "active_adapters", ["default"])
-        self.adapter_name = adapter_name or (active if isinstance(active, str) else active[0])
-        self.layers = {
-            name: module
-            for name, module in model.named_modules()
-            if isinstance(module, CPLLayer) and module.cpl_values.get(self.adapter_name) is not None
-        }
-        if not self.layers:
-            raise ValueError(f"no CPL layers carry adapter '{self.adapter_name}'")
+        self.adapter_name = resolve_adapter(model, adapter_name)
+        self.layers = cpl_layers(model, self.adapter_name)
         if not all(layer.cpl_ready[self.adapter_name] for layer in self.layers.values()):
             raise ValueError(
                 f"CPL adapter '{self.adapter_name}' has no support yet: run select_collaborative(...) before creating "
@@ -117,7 +116,7 @@ class CollaborativeGuard:
                 value.requires_grad_(True)
             with torch.enable_grad():  # may be called from after_step, which runs under no_grad
                 for batch in self.mastered:
-                    loss, _ = summed_example_loss(self.model, to_device(batch, device), self.loss_fn)
+                    loss, _ = summed_example_loss(self.model, send_to_device(batch, device), self.loss_fn)
                     loss.backward()
             for name, layer in self.layers.items():
                 grad = values[name].grad
@@ -130,8 +129,19 @@ class CollaborativeGuard:
                 value.requires_grad_(flags[name])
             self.model.train(was_training)
 
-    def wrap(self, optimizer: torch.optim.Optimizer) -> GuardedOptimizer:
-        return GuardedOptimizer(optimizer, self)
+    def attach(self, optimizer: torch.optim.Optimizer) -> GuardHandle:
+        """Guard every `step()` of `optimizer` from now on; `.remove()` the returned handle to stop.
+
+        Wrappers (accelerate's AcceleratedOptimizer, a Trainer's) are looked through to the torch optimizer that
+        steps, so a step that a wrapper skips (gradient accumulation, an overflowing fp16 scaler) is not counted.
+        """
+        while hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"the guard attaches to a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        before = optimizer.register_step_pre_hook(lambda *_: self.before_step())
+        after = optimizer.register_step_post_hook(lambda *_: self.after_step())
+        return GuardHandle(before, after)
 
     @property
     def reverted(self) -> int:
@@ -168,17 +178,18 @@ class CollaborativeGuard:
         self._refreshed_at = state.get("refreshed_at", self.steps)
 
 
-class GuardedOptimizer:
-    """Any torch optimizer, with the guard applied around each `step()`."""
+class GuardHandle:
+    """Both step hooks of one `attach`, removed together (also as a context manager)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, guard: CollaborativeGuard) -> None:
-        self.optimizer, self.guard = optimizer, guard
+    def __init__(self, *handles: RemovableHandle) -> None:
+        self.handles = handles
 
-    def step(self, closure=None):
-        self.guard.before_step()
-        result = self.optimizer.step(closure)
-        self.guard.after_step()
-        return result
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
-    def __getattr__(self, name: str):
-        return getattr(self.optimizer, name)
+    def __enter__(self) -> GuardHandle:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.remove()

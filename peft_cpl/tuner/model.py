@@ -9,7 +9,8 @@ from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .bnb_weights import keep_canonical_layout
+from .adapters import cpl_layers
+from .bnb import keep_canonical_layout
 from .codec import CorruptRecordError, decode_support, encode_support, tensor_crc32
 from .config import CPLConfig
 from .layer import CPLLayer, Embedding, Linear
@@ -35,7 +36,7 @@ class CPLModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: CPLConfig, adapter_name: str) -> None:
         # 4-bit weights that bitsandbytes repacked for its CPU kernel (any eval forward on an AVX512-BF16 CPU) would
-        # block gradients and be misread by merges; keep the whole model in the canonical layout (bnb_weights.py).
+        # block gradients and be misread by merges; keep the whole model in the canonical layout (tuner/bnb.py).
         keep_canonical_layout(model)
         # Weights shared by several modules (tied embeddings) would get the delta in one place unmerged and in
         # every place once merged; remember them to refuse targeting them.
@@ -83,12 +84,11 @@ class CPLModel(BaseTuner):
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """Replace each module's flat index buffer by its compact, checksummed record (see codec.py)."""
         to_save = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        for name, layer in _cpl_layers(model, adapter_name):
+        for name, layer in cpl_layers(model, adapter_name).items():
             key = f"{name}.cpl_indices.{adapter_name}"
             if key in to_save:
-                to_save[key] = encode_support(
-                    layer.cpl_indices[adapter_name], layer.delta_shape, to_save[f"{name}.cpl_values.{adapter_name}"]
-                )
+                values = to_save[f"{name}.cpl_values.{adapter_name}"]
+                to_save[key] = encode_support(layer.support(adapter_name), values)
         return to_save
 
     @classmethod
@@ -96,7 +96,7 @@ class CPLModel(BaseTuner):
         """Decode every record, check it against the model, then size the supports: all or nothing."""
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         plans, problems = [], []
-        for name, layer in _cpl_layers(model, adapter_name):
+        for name, layer in cpl_layers(model, adapter_name).items():
             values_key, index_key = f"{name}.cpl_values.{adapter_name}", f"{name}.cpl_indices.{adapter_name}"
             if values_key not in state_dict or index_key not in state_dict:
                 problems.append(f"{name}: no entry in the adapter file")
@@ -107,16 +107,19 @@ class CPLModel(BaseTuner):
             except CorruptRecordError as error:
                 problems.append(f"{name}: corrupted index record ({error})")
                 continue
-            if record.shape != tuple(layer.delta_shape):
+            support = record.support
+            if support.shape != tuple(layer.delta_shape):
                 problems.append(
-                    f"{name}: adapter was made for a weight of shape {record.shape}, base has {layer.delta_shape}"
+                    f"{name}: adapter was made for a weight of shape {support.shape}, base has {layer.delta_shape}"
                 )
-            elif values.dim() != 1 or values.numel() != record.indices.numel():
-                problems.append(f"{name}: {values.numel()} values for {record.indices.numel()} support coordinates")
+            elif support.rows is not None and support.output_dim != layer.output_dim:
+                problems.append(f"{name}: the adapter's row support runs along the other dimension of the weight")
+            elif values.dim() != 1 or values.numel() != support.size:
+                problems.append(f"{name}: {values.numel()} values for {support.size} support coordinates")
             elif tensor_crc32(values) != record.values_crc:
                 problems.append(f"{name}: values checksum mismatch (file altered or damaged)")
             else:
-                plans.append((layer, record.indices, values_key, index_key))
+                plans.append((layer, support, values_key, index_key))
         known = {key for _, _, *keys in plans for key in keys}
         for key in state_dict:
             if (".cpl_values" in key or ".cpl_indices" in key) and key not in known and not _claimed(key, problems):
@@ -131,16 +134,10 @@ class CPLModel(BaseTuner):
                 f"Cannot load CPL adapter '{adapter_name}': it does not match this base model (nothing was loaded).\n"
                 f"  {listed}\nLoad it onto the base model it was trained on (same architecture and target_modules)."
             )
-        for layer, indices, _, index_key in plans:
-            layer.set_support(adapter_name, indices)
+        for layer, support, _, index_key in plans:
+            layer.set_support(adapter_name, support)
             state_dict[index_key] = layer.cpl_indices[adapter_name]
         return state_dict
-
-
-def _cpl_layers(model: nn.Module, adapter_name: str):
-    for name, module in model.named_modules():
-        if isinstance(module, CPLLayer) and adapter_name in module.cpl_values:
-            yield name, module
 
 
 def _claimed(key: str, problems: list[str]) -> bool:

@@ -11,11 +11,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
 from .layer import CPLLayer, Embedding
-from .losses import LossFn, summed_example_loss, to_device
+from .losses import LossFn, summed_example_loss
 
 
 def mean_weight_gradients(
@@ -38,7 +39,7 @@ def mean_weight_gradients(
     total = len(batches) if hasattr(batches, "__len__") else None
     with _gradient_mode(model), _capture(layers, sums):
         for batch in tqdm(batches, total=total, desc=description, disable=not progress, leave=False):
-            loss, count = summed_example_loss(model, to_device(batch, device), loss_fn)
+            loss, count = summed_example_loss(model, send_to_device(batch, device), loss_fn)
             loss.backward()
             examples += count
     if examples:

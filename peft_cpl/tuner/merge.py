@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .bnb_weights import dequantized_weight
-from .layer import CPLLayer
+from .adapters import cpl_layers
+from .bnb import dequantized_weight
+from .functional import add_delta_
 
 
 @dataclass
@@ -65,23 +66,24 @@ def merge_and_report(model: nn.Module, adapter_names: list[str] | None = None, w
     `merge_into_float` for a lossless merge then.
     """
     report = MergeReport()
-    for name, layer in _cpl_layers(model):
+    for name, layer in cpl_layers(model).items():
         names = [n for n in (adapter_names or layer.active_adapters) if n in layer.cpl_values]
-        intended = sum((layer.get_delta_weight(n) for n in names), torch.zeros(layer.delta_shape)).to(torch.float32)
-        before = layer.get_base_weight().detach().float().cpu().clone()
-        layer.merge(adapter_names=names)
-        applied = layer.get_base_weight().detach().float().cpu() - before
-        support = torch.zeros(before.numel(), dtype=torch.bool)
+        before = layer.get_base_weight().detach().float().clone()  # on the layer's device, like everything here
+        intended = torch.zeros_like(before)
+        support = torch.zeros(before.numel(), dtype=torch.bool, device=before.device)
         for n in names:
-            support[layer.cpl_indices[n].long().cpu()] = True
+            add_delta_(intended, layer.cpl_indices[n], layer.cpl_values[n])
+            support[layer.cpl_indices[n].long()] = True
+        layer.merge(adapter_names=names)
+        applied = layer.get_base_weight().detach().float() - before
         moved = applied.reshape(-1)[support] != 0
         report.modules.append(
             ModuleMerge(
                 name=name,
                 support=int(support.sum()),
                 intended_norm=float(intended.norm()),
-                error_norm=float((applied - intended.cpu()).norm()),
-                vanished=int((~moved & (intended.reshape(-1)[support.to(intended.device)].cpu() != 0)).sum()),
+                error_norm=float((applied - intended).norm()),
+                vanished=int((~moved & (intended.reshape(-1)[support] != 0)).sum()),
             )
         )
     merged = model.unload()
@@ -89,7 +91,7 @@ def merge_and_report(model: nn.Module, adapter_names: list[str] | None = None, w
         warnings.warn(
             f"Only {report.retained:.1%} of the CPL delta survived requantization ({report.vanished_fraction:.1%} of "
             "support coordinates did not move): the updates are smaller than half a quantization step. Use "
-            "peft_cpl.bnb.merge_into_float(model) for a lossless merge into a float copy.",
+            "peft_cpl.tuner.merge.merge_into_float(model) for a lossless merge into a float copy.",
             stacklevel=2,
         )
     return merged, report
@@ -103,11 +105,11 @@ def merge_into_float(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     """
     import bitsandbytes as bnb
 
-    for name, layer in list(_cpl_layers(model)):
+    for name, layer in cpl_layers(model).items():
         weight = layer.get_base_weight().detach().to(torch.float32).clone()
         for adapter in layer.active_adapters:
-            if adapter in layer.cpl_values and layer.cpl_values[adapter].numel():
-                weight.view(-1).index_add_(0, layer.cpl_indices[adapter], layer.cpl_values[adapter].detach().float())
+            if adapter in layer.cpl_values:
+                add_delta_(weight, layer.cpl_indices[adapter], layer.cpl_values[adapter])
         _replace(model, name, _float_module(layer.get_base_layer(), weight, dtype))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for name, module in list(base.named_modules()):
@@ -144,7 +146,3 @@ def _float_module(original: nn.Module, weight: torch.Tensor, dtype: torch.dtype)
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def _cpl_layers(model: nn.Module):
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, CPLLayer)]

@@ -9,8 +9,10 @@ payload encoding the sorted flat coordinates with the smallest of:
   within ~0.1 bit of the entropy bound log2(C(n, count)) for an unstructured support;
   with k = floor(log2(n/count)) it is never above 2 + log2(n/count) bits per coordinate (the Elias-Fano bound),
   whatever the distribution, so clustered supports are covered too;
-and two flags: COMPLEMENT (encode the absent coordinates instead, for very dense supports) and ROWS (the support is
-whole rows: encode row ids over `shape[0]` instead of coordinates).
+and three flags: COMPLEMENT (encode the absent coordinates instead, for very dense supports), ROWS (the support is
+whole rows: encode row ids over `shape[0]` instead of coordinates) and COLUMNS (whole output columns of a weight
+stored (in, out), as transformers' Conv1D: column ids over `shape[1]`). Whether a support is rows is the `Support`'s
+own say, never inferred from its coordinates.
 
 Everything is a plain function on tensors so the codec is tested on its own (see tests/test_codec.py).
 """
@@ -26,10 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .support import Support, expand_rows
+
 MAGIC = b"CPLI"
 VERSION = 1
 SCHEME_EMPTY, SCHEME_FULL, SCHEME_BITMASK, SCHEME_RICE = 0, 1, 2, 3
-FLAG_COMPLEMENT, FLAG_ROWS = 1, 2
+FLAG_COMPLEMENT, FLAG_ROWS, FLAG_COLUMNS = 1, 2, 4
 _PREFIX = struct.Struct("<4sBBBBI")  # magic, version, scheme, flags, low_bits, ndim
 _SUFFIX = struct.Struct("<qII")  # count, index crc, values crc
 
@@ -42,14 +46,8 @@ class CorruptRecordError(ValueError):
 class SupportRecord:
     """What a decoded record says about the module it belongs to."""
 
-    indices: torch.Tensor
-    shape: tuple[int, ...]
+    support: Support
     values_crc: int
-
-
-def index_dtype(numel: int) -> torch.dtype:
-    """int32 while every flat coordinate fits, int64 beyond."""
-    return torch.int32 if numel <= 2**31 else torch.int64
 
 
 def tensor_crc32(tensor: torch.Tensor) -> int:
@@ -58,28 +56,16 @@ def tensor_crc32(tensor: torch.Tensor) -> int:
     return zlib.crc32(data.tobytes()) & 0xFFFFFFFF
 
 
-def whole_rows(indices: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """Row ids if `indices` (sorted, flat) are exactly a set of complete rows of a 2-D weight, else None."""
-    if len(shape) != 2 or indices.numel() == 0 or indices.numel() % shape[1]:
-        return None
-    cols = shape[1]
-    grid = indices.reshape(-1, cols).to(torch.int64)
-    rows = grid[:, 0] // cols
-    expected = rows[:, None] * cols + torch.arange(cols, device=grid.device)
-    return rows if torch.equal(grid, expected) else None
-
-
-def encode_support(indices: torch.Tensor, shape: tuple[int, ...], values: torch.Tensor) -> torch.Tensor:
-    """Encode sorted unique flat `indices` into a weight of `shape` as a uint8 record (values are only checksummed)."""
-    shape = tuple(int(s) for s in shape)
-    numel = math.prod(shape)
-    positions = indices.detach().to("cpu", torch.int64).numpy()
-    if len(positions) and (positions[0] < 0 or positions[-1] >= numel or np.any(np.diff(positions) <= 0)):
-        raise ValueError(f"support indices must be sorted, unique and in [0, {numel}) for shape {shape}")
-    flags, universe = 0, numel
-    rows = whole_rows(indices.detach().to("cpu"), shape)
-    if rows is not None:
-        positions, flags, universe = rows.numpy(), FLAG_ROWS, shape[0]
+def encode_support(support: Support, values: torch.Tensor) -> torch.Tensor:
+    """Encode a support as a uint8 record (values are only checksummed)."""
+    shape = support.shape
+    positions = support.indices.detach().to("cpu", torch.int64).numpy()
+    flags, universe = 0, math.prod(shape)
+    if support.rows is not None:
+        positions = support.rows.detach().to("cpu", torch.int64).numpy()
+        flags, universe = (FLAG_ROWS, shape[0]) if support.output_dim == 0 else (FLAG_COLUMNS, shape[1])
+    if len(positions) and (positions[0] < 0 or positions[-1] >= universe or np.any(np.diff(positions) <= 0)):
+        raise ValueError(f"support positions must be sorted, unique and in [0, {universe}) for shape {shape}")
     if 2 * len(positions) > universe:
         present = np.ones(universe, dtype=bool)
         present[positions] = False
@@ -89,7 +75,7 @@ def encode_support(indices: torch.Tensor, shape: tuple[int, ...], values: torch.
         scheme, flags = SCHEME_FULL, flags & ~FLAG_COMPLEMENT
     header = _PREFIX.pack(MAGIC, VERSION, scheme, flags, low_bits, len(shape))
     header += struct.pack(f"<{len(shape)}q", *shape)
-    header += _SUFFIX.pack(int(indices.numel()), zlib.crc32(payload) & 0xFFFFFFFF, tensor_crc32(values))
+    header += _SUFFIX.pack(support.size, zlib.crc32(payload) & 0xFFFFFFFF, tensor_crc32(values))
     return torch.frombuffer(bytearray(header + payload), dtype=torch.uint8)
 
 
@@ -113,20 +99,30 @@ def decode_support(record: torch.Tensor) -> SupportRecord:
     numel = math.prod(shape)
     if min(shape, default=1) < 0 or not 0 <= count <= numel:
         raise CorruptRecordError(f"record claims {count} coordinates in a weight of shape {tuple(shape)}")
-    universe, units = (shape[0], count // shape[1]) if flags & FLAG_ROWS and count else (numel, count)
+    output_dim = 0 if flags & FLAG_ROWS else 1 if flags & FLAG_COLUMNS else None
+    if output_dim is not None and (len(shape) != 2 or (flags & FLAG_ROWS and flags & FLAG_COLUMNS)):
+        raise CorruptRecordError("record declares whole rows of a weight that cannot have them")
+    if output_dim is None:
+        universe, units = numel, count
+    else:
+        row_length = shape[1 - output_dim]
+        if row_length == 0 or count % row_length:
+            raise CorruptRecordError(f"record declares whole rows but {count} coordinates")
+        universe, units = shape[output_dim], count // row_length
     stored = universe - units if flags & FLAG_COMPLEMENT else units
     positions = _decode_positions(scheme, low_bits, payload, universe, stored)
     if flags & FLAG_COMPLEMENT:
         present = np.ones(universe, dtype=bool)
         present[positions] = False
         positions = np.flatnonzero(present)
-    if flags & FLAG_ROWS:
-        cols = shape[1]
-        positions = (positions[:, None] * cols + np.arange(cols)[None, :]).reshape(-1)
-    if len(positions) != count:
-        raise CorruptRecordError(f"record decodes to {len(positions)} coordinates but declares {count}")
-    indices = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(index_dtype(numel))
-    return SupportRecord(indices=indices, shape=tuple(shape), values_crc=values_crc)
+    positions = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
+    if output_dim is None:
+        support = Support(tuple(shape), positions)
+    else:
+        support = Support(tuple(shape), expand_rows(positions, tuple(shape), output_dim), positions, output_dim)
+    if support.size != count:
+        raise CorruptRecordError(f"record decodes to {support.size} coordinates but declares {count}")
+    return SupportRecord(support=support, values_crc=values_crc)
 
 
 def _encode_positions(positions: np.ndarray, universe: int) -> tuple[int, int, bytes]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Sequence
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from .guard import CollaborativeGuard
-from .losses import LossFn, summed_example_loss, to_device
+from ..tuner.guard import CollaborativeGuard
+from ..tuner.losses import LossFn, summed_example_loss
 
 
 def _adamw_8bit(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -53,23 +55,23 @@ def train(
     The loss of a batch is the mean over its examples of each example's loss, as in selection.
     """
     device = next(model.parameters()).device
-    stepper = guard.wrap(optimizer) if guard is not None else optimizer
     order = list(range(len(batches)))
     history = []
-    for epoch in range(epochs):
-        model.train()
-        if guard is not None:
-            guard.on_epoch_start()
-        random.Random(seed + epoch).shuffle(order)
-        total = 0.0
-        for index in tqdm(order, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False):
-            optimizer.zero_grad(set_to_none=True)
-            loss, count = summed_example_loss(model, to_device(batches[index], device), loss_fn)
-            (loss / count).backward()
-            stepper.step()
-            total += loss.item() / count
-        history.append(total / max(len(order), 1))
-        model.eval()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
+    with guard.attach(optimizer) if guard is not None else contextlib.nullcontext():
+        for epoch in range(epochs):
+            model.train()
+            if guard is not None:
+                guard.on_epoch_start()
+            random.Random(seed + epoch).shuffle(order)
+            total = 0.0
+            for index in tqdm(order, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False):
+                optimizer.zero_grad(set_to_none=True)
+                loss, count = summed_example_loss(model, send_to_device(batches[index], device), loss_fn)
+                (loss / count).backward()
+                optimizer.step()
+                total += loss.item() / count
+            history.append(total / max(len(order), 1))
+            model.eval()
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
     return history

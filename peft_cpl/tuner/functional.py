@@ -12,6 +12,12 @@ import torch
 import torch.nn.functional as F
 
 
+def add_delta_(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """dense[indices] += alpha * values, in place, on the flat view of a weight-shaped tensor."""
+    dense.view(-1).index_add_(0, indices.to(dense.device), values.detach().to(dense.dtype), alpha=alpha)
+    return dense
+
+
 def scatter_delta(
     shape: torch.Size | tuple[int, ...],
     indices: torch.Tensor,
@@ -26,8 +32,7 @@ def scatter_delta(
         dense = torch.zeros(shape, dtype=dtype, device=values.device)
     else:
         dense = base.detach().to(dtype=dtype, copy=True)
-    dense.view(-1).index_add_(0, indices, values.detach().to(dtype))
-    return dense
+    return add_delta_(dense, indices, values)
 
 
 def gather_support(dense: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -103,9 +108,15 @@ def sparse_delta_linear(
     return _SparseDeltaLinear.apply(x, weight, bias, indices, values, tuple(shape), transposed)
 
 
-def row_delta_linear(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, out_features: int) -> torch.Tensor:
-    """Contribution of a delta made of whole output rows: a small dense matmul, no weight-sized tensor at all."""
-    row_values = values.view(rows.numel(), -1).to(x.dtype)
+def row_delta_linear(
+    x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, out_features: int, transposed: bool = False
+) -> torch.Tensor:
+    """Contribution of a delta made of whole output rows: a small dense matmul, no weight-sized tensor at all.
+
+    `values` follow the flat order of the weight as stored: row by row, or for Conv1D's (in, out) layout input by
+    input across the chosen output columns.
+    """
+    row_values = (values.view(-1, rows.numel()).T if transposed else values.view(rows.numel(), -1)).to(x.dtype)
     partial = F.linear(x, row_values)
     out = x.new_zeros(*x.shape[:-1], out_features)
     return out.index_add(-1, rows, partial)

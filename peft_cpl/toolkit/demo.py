@@ -1,6 +1,6 @@
 """The README's demo: teach SmolLM2-135M-Instruct capitals it does not know, and count what it forgets.
 
-    python -m peft_cpl.demo            (what `make demo` runs; about 6 minutes on 2 CPU cores)
+    python -m peft_cpl.toolkit.demo            (what `make demo` runs; about 6 minutes on 2 CPU cores)
 
 Steps: ask the model the capital of every country in `countryinfo`; split into known (mastered) and unknown
 (injection); then, from the same base weights and with the same data order, train on the unknown capitals with
@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-from .config import CPLConfig
+from ..tuner.config import CPLConfig
+from ..tuner.guard import CollaborativeGuard
+from ..tuner.selection import select_collaborative
+from .batches import make_batches
 from .data import country_facts
 from .default_model import load_default_model
-from .evaluation import injection_outcome, make_batches, predict, split_by_correctness
-from .guard import CollaborativeGuard
-from .selection import select_collaborative
-from .training import make_optimizer, train
+from .evaluation import injection_outcome, predict, split_by_correctness
+from .loop import make_optimizer, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
