@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import peft_cpl
-from peft_cpl import CPLLayer
+from peft_cpl import cpl_layers
 from peft_cpl.toolkit.tiny import item_texts, tiny_llama, tiny_llama_config, tiny_tokenizer  # noqa: F401
 
 
@@ -88,16 +88,11 @@ def randomize_values(model: nn.Module, scale: float = 0.05, seed: int = 0, adapt
     """Give every CPL adapter non-zero values, so the tests exercise a non-trivial delta."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, CPLLayer):
-                for name, values in module.cpl_values.items():
-                    if adapter is None or name == adapter:
-                        noise = torch.randn(values.shape, generator=generator) * scale
-                        values.copy_(noise.to(values.dtype))
-
-
-def cpl_layers(model: nn.Module) -> dict[str, CPLLayer]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, CPLLayer)}
+        for module in cpl_layers(model, adapter).values():
+            for name, values in module.cpl_values.items():
+                if adapter is None or name == adapter:
+                    noise = torch.randn(values.shape, generator=generator) * scale
+                    values.copy_(noise.to(values.dtype))
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -143,3 +143,43 @@ def test_guard_refuses_an_adapter_without_support():
     model = get_peft_model(CASES["llama"].build(0), CPLConfig(target_modules=TARGETS))  # not selected yet
     with pytest.raises(ValueError, match="select_collaborative"):
         CollaborativeGuard(model, mastered=mastered)
+
+
+def _guarded_step_reverts(optimizer_factory) -> tuple[int, int, CollaborativeGuard, dict]:
+    mastered, injection = conflicting_data(3)
+    model = get_peft_model(CASES["llama"].build(0), CPLConfig(target_modules=TARGETS, support="random", density=0.5))
+    guard = CollaborativeGuard(model, mastered=mastered)
+    optimizer = optimizer_factory([p for p in model.parameters() if p.requires_grad])
+    handle = guard.attach(optimizer)
+    before = {name: layer.cpl_values["default"].detach().clone() for name, layer in cpl_layers(model).items()}
+    model.train()
+    loss, count = summed_example_loss(model, injection[0])
+    (loss / count).backward()
+    optimizer.step()
+    for name, layer in cpl_layers(model).items():
+        change = layer.cpl_values["default"].detach() - before[name]
+        assert bool((change * layer.cpl_mastered_sign["default"].float() <= 0).all()), name
+    return guard.reverted, guard.proposed, guard, {"handle": handle, "optimizer": optimizer, "model": model,
+                                                     "injection": injection}
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw8bit", "accelerate"])
+def test_guard_attaches_to_any_optimizer_through_its_step_hooks(kind):
+    def factory(params):
+        if kind == "adamw8bit":
+            bnb = pytest.importorskip("bitsandbytes")
+            return bnb.optim.AdamW8bit(params, lr=1e-3)
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        if kind == "accelerate":
+            from accelerate import Accelerator
+
+            return Accelerator(cpu=True).prepare_optimizer(optimizer)  # what a Trainer steps
+        return optimizer
+
+    reverted, proposed, guard, parts = _guarded_step_reverts(factory)
+    assert 0 < reverted < proposed and guard.steps == 1
+    parts["handle"].remove()  # detached: the next step is no longer guarded
+    loss, count = summed_example_loss(parts["model"], parts["injection"][0])
+    (loss / count).backward()
+    parts["optimizer"].step()
+    assert guard.steps == 1 and guard.reverted == reverted

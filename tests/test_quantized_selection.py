@@ -38,24 +38,31 @@ def test_gradients_and_support_match_the_dequantized_twin(twins):
     quantized, dense = twins
     case = CASES["llama"]
     mastered, injection = batched(examples(case, 8, 11), 4), batched(examples(case, 8, 12), 4)
-    results = []
-    for base in (quantized, dense):
-        model = get_peft_model(base, CPLConfig(target_modules=TARGETS))
-        layers = cpl_layers(model)
-        g_m, _ = mean_weight_gradients(model, layers, mastered, progress=False)
-        select_collaborative(model, mastered, injection, progress=False)
-        results.append((g_m, {name: layer.cpl_indices["default"].long() for name, layer in layers.items()}))
-        model.unload()
-    (g_q, support_q), (g_d, support_d) = results
-    for name in g_q:
-        cosine = torch.nn.functional.cosine_similarity(g_q[name].reshape(-1), g_d[name].reshape(-1), dim=0)
+    # coordinates with s near 0 flip with int8 activation rounding; the rest agree
+    assert_same_selection(*(gradients_and_supports(base, mastered, injection) for base in (quantized, dense)))
+
+
+def gradients_and_supports(base, mastered, injection) -> tuple[dict, dict]:
+    model = get_peft_model(base, CPLConfig(target_modules=TARGETS))
+    layers = cpl_layers(model)
+    g_m, _ = mean_weight_gradients(model, layers, mastered, progress=False)
+    select_collaborative(model, mastered, injection, progress=False)
+    supports = {name: layer.support("default").indices for name, layer in layers.items()}
+    model.unload()
+    return g_m, supports
+
+
+def assert_same_selection(first: tuple[dict, dict], second: tuple[dict, dict]) -> None:
+    """g_M nearly parallel and supports overlapping by > 95% (Jaccard), module by module."""
+    (g_a, support_a), (g_b, support_b) = first, second
+    for name in g_a:
+        cosine = torch.nn.functional.cosine_similarity(g_a[name].reshape(-1), g_b[name].reshape(-1), dim=0)
         assert cosine > 0.999, (name, float(cosine))
-        chosen_q = torch.zeros(g_q[name].numel(), dtype=torch.bool)
-        chosen_d = torch.zeros_like(chosen_q)
-        chosen_q[support_q[name]] = True
-        chosen_d[support_d[name]] = True
-        jaccard = (chosen_q & chosen_d).sum() / (chosen_q | chosen_d).sum()
-        # coordinates with s near 0 flip with int8 activation rounding; the rest agree
+        chosen_a = torch.zeros(g_a[name].numel(), dtype=torch.bool)
+        chosen_b = torch.zeros_like(chosen_a)
+        chosen_a[support_a[name]] = True
+        chosen_b[support_b[name]] = True
+        jaccard = (chosen_a & chosen_b).sum() / (chosen_a | chosen_b).sum()
         assert jaccard > 0.95, (name, float(jaccard))
 
 
@@ -77,17 +84,5 @@ def test_selection_on_a_4bit_base_that_bitsandbytes_repacked_for_its_cpu_kernel(
                     module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu(
                         module.weight.data, module.weight.quant_state
                     )
-        model = get_peft_model(base, CPLConfig(target_modules=TARGETS))
-        layers = cpl_layers(model)
-        g_m, _ = mean_weight_gradients(model, layers, mastered, progress=False)
-        select_collaborative(model, mastered, injection, progress=False)
-        results.append((g_m, {name: layer.cpl_indices["default"].long() for name, layer in layers.items()}))
-    (g_c, support_c), (g_p, support_p) = results
-    for name in g_c:  # equal up to bitsandbytes' bf16 rounding of absmax in its round trip
-        cosine = torch.nn.functional.cosine_similarity(g_c[name].reshape(-1), g_p[name].reshape(-1), dim=0)
-        assert cosine > 0.999, (name, float(cosine))
-        chosen_c = torch.zeros(g_c[name].numel(), dtype=torch.bool)
-        chosen_p = torch.zeros_like(chosen_c)
-        chosen_c[support_c[name]] = True
-        chosen_p[support_p[name]] = True
-        assert (chosen_c & chosen_p).sum() / (chosen_c | chosen_p).sum() > 0.95, name
+        results.append(gradients_and_supports(base, mastered, injection))
+    assert_same_selection(*results)  # equal up to bitsandbytes' bf16 rounding of absmax in its round trip

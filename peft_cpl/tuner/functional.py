@@ -73,18 +73,29 @@ class _SparseDeltaLinear(torch.autograd.Function):
 COORDINATEWISE_GRAD_BELOW = 0.003
 
 
+def weight_grad_factors(
+    grad_out: torch.Tensor, x: torch.Tensor, transposed: bool = False, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with the linear layer's weight gradient, as the weight is stored, equal to left^T @ right.
+
+    grad_W = grad_out^T x for nn.Linear's (out, in) weight; x^T grad_out for Conv1D's (in, out) weight.
+    """
+    dtype = dtype or grad_out.dtype
+    grad_2d = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+    x_2d = x.reshape(-1, x.shape[-1]).to(dtype)
+    return (x_2d, grad_2d) if transposed else (grad_2d, x_2d)
+
+
 def support_weight_grad(
     grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, transposed: bool = False
 ) -> torch.Tensor:
     """Gradient of a linear layer's weight at the support coordinates only: (grad_out^T x) at `indices`."""
-    grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-    x_2d = x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)
-    left, right = (x_2d, grad_2d) if transposed else (grad_2d, x_2d)  # the weight as stored is left^T @ right
+    left, right = weight_grad_factors(grad_out, x, transposed)
     if indices.numel() >= COORDINATEWISE_GRAD_BELOW * left.shape[1] * right.shape[1]:
         return gather_support(left.T @ right, indices)
     left_t, right_t = left.T.contiguous(), right.T.contiguous()
     first, second = indices // right.shape[1], indices % right.shape[1]
-    grad = torch.empty(indices.numel(), dtype=grad_2d.dtype, device=grad_2d.device)
+    grad = torch.empty(indices.numel(), dtype=left.dtype, device=left.device)
     chunk = max(1, 2**24 // max(left.shape[0], 1))  # at most 2^24 products (64 MB in fp32) at a time
     for start in range(0, indices.numel(), chunk):
         part = slice(start, start + chunk)

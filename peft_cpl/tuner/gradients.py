@@ -15,6 +15,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
+from .functional import weight_grad_factors
 from .layer import CPLLayer, Embedding
 from .losses import LossFn, summed_example_loss
 
@@ -93,12 +94,12 @@ def _hook(layer: CPLLayer, accumulator: torch.Tensor):
 
 def _accumulate(layer: CPLLayer, accumulator: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> None:
     """Add this batch's weight gradient, computed on the activations' device, into the (maybe offloaded) sum."""
-    grad_2d = grad.reshape(-1, grad.shape[-1]).float()
     if isinstance(layer, Embedding):
+        grad_2d = grad.reshape(-1, grad.shape[-1]).float()
         accumulator.index_add_(0, x.reshape(-1).to(accumulator.device), grad_2d.to(accumulator.device))
         return
-    x_2d = x.reshape(-1, x.shape[-1]).float()
+    left, right = weight_grad_factors(grad, x, layer.transposed, dtype=torch.float32)
     if accumulator.device == grad.device:
-        accumulator.addmm_(x_2d.T, grad_2d) if layer.transposed else accumulator.addmm_(grad_2d.T, x_2d)
+        accumulator.addmm_(left.T, right)
     else:
-        accumulator.add_((x_2d.T @ grad_2d if layer.transposed else grad_2d.T @ x_2d).to(accumulator.device))
+        accumulator.add_((left.T @ right).to(accumulator.device))

@@ -142,6 +142,14 @@ class CPLLayer(BaseTunerLayer):
                     container[adapter_name] = tensor.to(device)
 
     # -- delta ------------------------------------------------------------------------------------------------
+    def _delta_applies(self) -> bool:
+        """False when the base layer alone gives the output: adapters disabled (unmerging first) or merged."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return False
+        return not self.merged
+
     def _active_deltas(self) -> list[str]:
         """Active adapters that contribute a delta; refuses to train an adapter whose support was never chosen."""
         names = []
@@ -228,11 +236,7 @@ class Linear(nn.Module, CPLLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         bnb.ensure_canonical_layout(self.get_base_layer())  # the CPU-packed 4-bit layout has no backward
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if not self._delta_applies():
             return self.base_layer(x, *args, **kwargs)
         names = self._active_deltas()
         if not names:
@@ -284,11 +288,7 @@ class Embedding(nn.Module, CPLLayer):
         return (self.num_embeddings, self.embedding_dim)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if not self._delta_applies():
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         embed_scale = self._get_embed_scale()  # scaled embeddings (e.g. Gemma) scale the merged weight too

@@ -73,11 +73,10 @@ class CPLModel(BaseTuner):
         # PEFT upcasts half-precision adapter weights to fp32; CPL values keep the dtype the config asks for.
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         dtype = self.peft_config[adapter_name].torch_delta_dtype
-        for module in self.model.modules():
-            if isinstance(module, CPLLayer) and adapter_name in module.cpl_values:
-                values = module.cpl_values[adapter_name]
-                if values.dtype != dtype:
-                    module.cpl_values[adapter_name] = nn.Parameter(values.data.to(dtype), values.requires_grad)
+        for module in cpl_layers(self.model, adapter_name).values():
+            values = module.cpl_values[adapter_name]
+            if values.dtype != dtype:
+                module.cpl_values[adapter_name] = nn.Parameter(values.data.to(dtype), values.requires_grad)
 
     # -- saving and loading --------------------------------------------------------------------------------------
     @classmethod
