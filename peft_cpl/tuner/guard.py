@@ -62,6 +62,7 @@ class CollaborativeGuard:
                 "the guard (it guards the support's updates)."
             )
         self.steps = 0
+        self.refreshing = False  # True while refresh() runs its own backward passes (a fused step must not step)
         self._refreshed_at = 0  # step count at the last refresh: sign(g_M) from selection is fresh at step 0
         self._counts = torch.zeros(2, dtype=torch.int64)  # reverted, proposed coordinate updates (on the device)
         self._before: dict[str, torch.Tensor] | None = None
@@ -83,19 +84,33 @@ class CollaborativeGuard:
     def after_step(self) -> None:
         if self._before is None:
             raise RuntimeError("CollaborativeGuard.after_step() without before_step(): call both around step()")
-        for name, layer in self.layers.items():
-            values, before = self._values(layer), self._before[name]
-            sign = layer.cpl_mastered_sign[self.adapter_name].to(values.dtype)
-            change = values - before
-            harmful = change * sign > 0
-            values.copy_(torch.where(harmful, before, values))
-            self._counts = self._counts.to(values.device)
-            self._counts[0] += harmful.sum()
-            self._counts[1] += (change != 0).sum()
+        for name, before in self._before.items():
+            self.revert_harmful(name, before)
         self._before = None
+        self.end_step()
+
+    @torch.no_grad()
+    def revert_harmful(self, name: str, before: torch.Tensor) -> None:
+        """Put back the coordinates of one layer's values whose change since `before` raises L_M to first order."""
+        layer = self.layers[name]
+        values = self._values(layer)
+        sign = layer.cpl_mastered_sign[self.adapter_name].to(values.dtype)
+        change = values - before
+        harmful = change * sign > 0
+        values.copy_(torch.where(harmful, before, values))
+        self._counts = self._counts.to(values.device)
+        self._counts[0] += harmful.sum()
+        self._counts[1] += (change != 0).sum()
+
+    def end_step(self) -> None:
+        """Count a finished optimizer step (the refresh policy counts these)."""
         self.steps += 1
         if isinstance(self.refresh_policy, int) and self.steps % self.refresh_policy == 0:
             self.refresh()
+
+    def values_by_name(self) -> dict[torch.nn.Parameter, str]:
+        """{values tensor: layer name} of the guarded adapter, for code that steps tensors one at a time."""
+        return {self._values(layer): name for name, layer in self.layers.items()}
 
     def on_epoch_start(self) -> None:
         if self.refresh_policy == "epoch" and self.steps > self._refreshed_at:  # nothing moved since: still exact
@@ -110,6 +125,7 @@ class CollaborativeGuard:
         was_training = self.model.training
         device = next(iter(values.values())).device
         self.model.eval()
+        self.refreshing = True
         try:
             for value in values.values():
                 value.grad = None
@@ -124,6 +140,7 @@ class CollaborativeGuard:
                     grad = torch.zeros_like(values[name])
                 layer.set_mastered_sign(self.adapter_name, grad)
         finally:
+            self.refreshing = False
             for name, value in values.items():
                 value.grad = saved_grads[name]
                 value.requires_grad_(flags[name])
