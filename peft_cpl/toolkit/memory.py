@@ -1,0 +1,234 @@
+"""How much memory CPL training needs, before buying or renting the GPU: `estimate_memory`.
+
+Train-state bytes (trained values, their gradients, optimizer state, support indices, guard signs) are counted
+exactly the way torch and bitsandbytes allocate them: `measure_train_state` sums the real tensors, and the tests
+hold the two equal. Base weights follow the storage's layout (bitsandbytes int8 row scales, nf4 block absmax).
+Activations are an estimate: the tensors autograd saves in a Llama-style block (SDPA attention, gated MLP), the
+logits and their fp32 loss, or one layer's worth plus each layer's input under gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..tuner.adapters import cpl_layers
+from ..tuner.support import index_dtype
+
+BASE_STORAGES = ("fp32", "bf16", "int8", "nf4")
+ESTIMATED_OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+_COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "int8": 2, "nf4": 2}  # quantized bases keep the rest and compute in bf16
+_NF4_BLOCK = 64
+_BNB_STATE_BLOCK, _BNB_MIN_8BIT_SIZE, _BNB_QMAP_BYTES = 256, 4096, 2 * 256 * 4
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of each part of a CPL training run; `peak` is their sum."""
+
+    base_weights: int
+    trained_values: int
+    gradients: int
+    optimizer_state: int
+    index: int
+    guard: int
+    temporaries: int  # per-step: effective weight and dense weight gradient of one layer, the guard's copy
+    activations: int
+    selection_peak: int  # selection's gradient accumulators (a separate phase: not part of `peak`)
+    trained: int  # number of trained values
+    targeted: int  # number of coordinates of the targeted weights
+
+    @property
+    def train_state(self) -> int:
+        return self.trained_values + self.gradients + self.optimizer_state + self.index + self.guard
+
+    @property
+    def peak(self) -> int:
+        return self.base_weights + self.train_state + self.temporaries + self.activations
+
+    @property
+    def bytes_per_trained_value(self) -> float:
+        return self.train_state / self.trained if self.trained else 0.0
+
+    def fits(self, gib: float) -> bool:
+        return max(self.peak, self.base_weights + self.selection_peak) <= gib * 2**30
+
+    def table(self) -> str:
+        rows = [(f.name, getattr(self, f.name)) for f in fields(self) if f.name not in ("trained", "targeted")]
+        lines = [f"{'part':<16} {'GiB':>9}"] + [f"{name:<16} {value / 2**30:>9.3f}" for name, value in rows]
+        lines.append(f"{'training peak':<16} {self.peak / 2**30:>9.3f}")
+        lines.append(f"{self.trained:,} trained values of {self.targeted:,} targeted coordinates: "
+                     f"{self.bytes_per_trained_value:.2f} B of train state per trained value")
+        return "\n".join(lines)
+
+
+def estimate_memory(
+    model_or_config: nn.Module | Any,
+    *,
+    density: float = 0.6,
+    optimizer: str = "adamw",
+    base: str = "bf16",
+    fused: bool = False,
+    guard: bool = False,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    gradient_checkpointing: bool = False,
+    target_modules: str | list[str] = "all-linear",
+) -> MemoryEstimate:
+    """Memory of CPL training at `density` of every targeted weight.
+
+    `model_or_config` is a model with CPL adapters (its supports' real sizes are used), a plain model, or a
+    transformers config (built on the meta device, so any size costs nothing).
+    """
+    if base not in BASE_STORAGES:
+        raise ValueError(f"base must be one of {BASE_STORAGES}, got {base!r}")
+    if optimizer not in ESTIMATED_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {ESTIMATED_OPTIMIZERS}, got {optimizer!r}")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    model = _cpl_model(model_or_config, target_modules)
+    layers = list(cpl_layers(model).values())
+    shapes = [tuple(layer.delta_shape) for layer in layers]
+    sizes = [_support_size(layer, density) for layer in layers]
+    trained = sum(sizes)
+    value_bytes = _value_bytes(layers)
+    compute = _COMPUTE_BYTES[base]
+    largest = max(sizes, default=0)
+    gradients = (largest if fused else trained) * value_bytes
+    state = _optimizer_bytes(sizes, value_bytes, optimizer, fused)
+    index = sum(size * _dtype_bytes(index_dtype(math.prod(shape))) for size, shape in zip(sizes, shapes))
+    index += sum(8 * rows.numel() for layer in layers for rows in layer.cpl_rows.values())
+    biggest_weight = max((math.prod(shape) for shape in shapes), default=0)
+    temporaries = biggest_weight * (compute + 4) + (((largest if fused else trained) * value_bytes) if guard else 0)
+    return MemoryEstimate(
+        base_weights=_base_bytes(model, base),
+        trained_values=trained * value_bytes,
+        gradients=gradients,
+        optimizer_state=state,
+        index=index,
+        guard=trained if guard else 0,
+        temporaries=temporaries,
+        activations=_activation_bytes(model.config, batch_size, seq_len, compute, gradient_checkpointing),
+        selection_peak=8 * sum(math.prod(shape) for shape in shapes),
+        trained=trained,
+        targeted=sum(math.prod(shape) for shape in shapes),
+    )
+
+
+def measure_train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of the tensors training keeps for CPL, summed from the tensors themselves (shared storages once)."""
+    seen: set[int] = set()
+
+    def size(tensors) -> int:
+        total = 0
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in seen:
+                seen.add(tensor.untyped_storage().data_ptr())
+                total += tensor.untyped_storage().nbytes()
+        return total
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizers = list(getattr(optimizer, "inner", {None: optimizer}).values())
+    layers = list(cpl_layers(model).values())
+    return {
+        "trained_values": size(trainable),
+        "gradients": size(p.grad for p in trainable),
+        "optimizer_state": size(t for opt in optimizers for state in opt.state.values() for t in state.values()),
+        "index": size(t for layer in layers for kept in (layer.cpl_indices, layer.cpl_rows) for t in kept.values()),
+        "guard": size(t for layer in layers for t in layer.cpl_mastered_sign.values()),
+    }
+
+
+def _cpl_model(model_or_config: Any, target_modules: str | list[str]) -> nn.Module:
+    from peft import get_peft_model
+
+    from ..tuner.config import CPLConfig
+
+    if isinstance(model_or_config, nn.Module) and cpl_layers(model_or_config):
+        return model_or_config
+    config = getattr(model_or_config, "config", model_or_config)  # a plain model is never modified: its config is
+    if not hasattr(config, "hidden_size"):
+        raise ValueError(
+            f"estimate_memory needs a model with CPL adapters, a transformers model or its config; got "
+            f"{type(model_or_config).__name__}"
+        )
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    return get_peft_model(base, CPLConfig(target_modules=target_modules))  # the real targeting rule
+
+
+def _support_size(layer: nn.Module, density: float) -> int:
+    numel = math.prod(layer.delta_shape)
+    chosen = [values.numel() for values in layer.cpl_values.values() if values.numel()]
+    return chosen[0] if chosen else max(1, round(density * numel))
+
+
+def _value_bytes(layers: list[nn.Module]) -> int:
+    for layer in layers:
+        for values in layer.cpl_values.values():
+            return values.element_size()
+    return 4
+
+
+def _optimizer_bytes(sizes: list[int], value_bytes: int, optimizer: str, fused: bool) -> int:
+    if optimizer == "sgd":
+        return 0
+    if optimizer == "adamw":
+        return sum(2 * size * value_bytes + 4 for size in sizes)  # exp_avg, exp_avg_sq and a float32 step per tensor
+    total, shared_qmaps = 0, False
+    for size in sizes:  # bitsandbytes keeps tensors under min_8bit_size in 32 bits
+        if size < _BNB_MIN_8BIT_SIZE:
+            total += 2 * size * 4
+        else:
+            total += 2 * size + 2 * 4 * math.ceil(size / _BNB_STATE_BLOCK)
+            if fused or not shared_qmaps:
+                total += _BNB_QMAP_BYTES  # one pair of quantization maps per optimizer instance
+                shared_qmaps = True
+    return total
+
+
+def _base_bytes(model: nn.Module, base: str) -> int:
+    """Every base parameter once (tied ones too); quantized bases store every linear but the output head quantized,
+    as transformers' bitsandbytes integration does."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    quantized = {
+        id(module.weight) for module in model.modules()
+        if isinstance(module, nn.Linear) and module is not head
+    }
+    total, seen = 0, set()
+    for name, param in model.named_parameters():
+        if id(param) in seen or ".cpl_values." in name:
+            continue
+        seen.add(id(param))
+        if id(param) in quantized and base == "int8":
+            total += param.numel() + 4 * param.shape[0]  # int8 codes and an fp32 scale per row
+        elif id(param) in quantized and base == "nf4":
+            total += param.numel() // 2 + 4 * math.ceil(param.numel() / _NF4_BLOCK)  # 4-bit codes, fp32 absmax
+        else:
+            total += param.numel() * _COMPUTE_BYTES[base]
+    return total
+
+
+def _activation_bytes(config: Any, batch: int, seq: int, compute: int, checkpointing: bool) -> int:
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv = hidden * getattr(config, "num_key_value_heads", heads) // heads
+    ffn = getattr(config, "intermediate_size", 4 * hidden)
+    tokens = batch * seq
+    # saved per token and layer: norm inputs and outputs (plus their fp32 copies), q, k, v, attention output and its
+    # projection input, gate, up, activation and product of the gated MLP
+    per_layer = tokens * ((7 * hidden + 2 * kv + 4 * ffn) * compute + 2 * hidden * 4)
+    layers = config.num_hidden_layers
+    blocks = tokens * hidden * compute * layers + per_layer if checkpointing else per_layer * layers
+    logits = tokens * config.vocab_size * (compute + 4 + 4)  # logits, their fp32 upcast for the loss, its gradient
+    return blocks + logits
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()

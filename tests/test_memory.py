@@ -1,0 +1,92 @@
+"""The memory estimator: train-state bytes equal the tensors' own sizes exactly; the rest follows the layouts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_cpl import CollaborativeGuard, CPLConfig
+from peft_cpl.toolkit.memory import estimate_memory, measure_train_state
+from peft_cpl.toolkit.tiny import tiny_llama, tiny_llama_config
+from peft_cpl.tuner.fused import FusedStep
+from peft_cpl.tuner.losses import summed_example_loss
+
+from .test_guard import TARGETS, conflicting_data
+
+TRAIN_STATE = ("trained_values", "gradients", "optimizer_state", "index", "guard")
+
+
+def optimizer_for(name: str, params, fused: bool, guard=None):
+    if name == "adamw8bit":
+        cls, kwargs = pytest.importorskip("bitsandbytes").optim.AdamW8bit, {"lr": 1e-3, "min_8bit_size": 512}
+    else:
+        cls, kwargs = (torch.optim.AdamW, {"lr": 1e-3}) if name == "adamw" else (torch.optim.SGD, {"lr": 0.1})
+    return FusedStep(params, cls, guard=guard, **kwargs) if fused else cls(params, **kwargs), kwargs
+
+
+@pytest.mark.parametrize("granularity", ["element", "row"])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("optimizer_name", ["adamw", "sgd", "adamw8bit"])
+def test_train_state_bytes_equal_the_summed_tensor_sizes(optimizer_name, fused, granularity, monkeypatch):
+    if optimizer_name == "adamw8bit":  # tiny tensors: lower bitsandbytes' 8-bit threshold so both paths occur
+        monkeypatch.setattr("peft_cpl.toolkit.memory._BNB_MIN_8BIT_SIZE", 512)
+    mastered, injection = conflicting_data(7)
+    model = get_peft_model(tiny_llama(0), CPLConfig(target_modules=TARGETS, support="random", density=0.3,
+                                                    granularity=granularity))
+    guard = CollaborativeGuard(model, mastered=mastered)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, _ = optimizer_for(optimizer_name, params, fused, guard if fused else None)
+    if not fused:
+        guard.attach(optimizer)
+    model.train()
+    peak = {}
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=False)
+        loss, count = summed_example_loss(model, injection[0])
+        (loss / count).backward()
+        measured = measure_train_state(model, optimizer)  # after backward: the gradients' peak
+        peak = {key: max(peak.get(key, 0), value) for key, value in measured.items()}
+        optimizer.step()
+    peak = {key: max(peak[key], value) for key, value in measure_train_state(model, optimizer).items()}
+    estimate = estimate_memory(model, optimizer=optimizer_name, fused=fused, guard=True)
+    for key in TRAIN_STATE:
+        if key == "gradients" and fused:
+            assert peak[key] == 0  # freed tensor by tensor; the estimate allows the largest one
+            assert 0 < estimate.gradients <= max(p.numel() for p in params) * 4
+        else:
+            assert peak[key] == getattr(estimate, key), key
+    assert estimate.trained == sum(p.numel() for p in params)
+
+
+def test_estimates_for_a_config_on_the_meta_device_follow_density_and_storage():
+    config = tiny_llama_config(num_hidden_layers=4, hidden_size=128, intermediate_size=256)
+    dense = estimate_memory(config, density=0.6, base="bf16")
+    sparse = estimate_memory(config, density=0.05, base="bf16")
+    assert sparse.trained == pytest.approx(dense.trained / 12, rel=0.01)
+    assert dense.bytes_per_trained_value == pytest.approx(4 + 4 + 8 + 4, rel=0.01)  # the 20 B of AdamW unfused
+    fused8 = estimate_memory(config, density=0.6, base="bf16", optimizer="adamw8bit", fused=True)
+    # value 4 + index 4 + 8-bit moments 2 (+ block absmax) + at most one tensor's gradient
+    assert 10 < fused8.bytes_per_trained_value < 10.5 and fused8.gradients < dense.gradients / 10
+    nf4, int8, bf16 = (estimate_memory(config, base=b).base_weights for b in ("nf4", "int8", "bf16"))
+    assert nf4 < int8 < bf16
+    linears = [m.weight for n, m in tiny_llama(0, **config.to_dict()).named_modules() if n.endswith("proj")]
+    # every linear but the head is stored quantized: 2 bytes -> 1 byte and an fp32 scale per row
+    assert bf16 - int8 == sum(w.numel() - 4 * w.shape[0] for w in linears)
+    checkpointed = estimate_memory(config, batch_size=4, seq_len=512, gradient_checkpointing=True)
+    assert checkpointed.activations < estimate_memory(config, batch_size=4, seq_len=512).activations
+    assert estimate_memory(config).selection_peak == 8 * dense.targeted
+    assert dense.fits(1) and not estimate_memory(config, batch_size=512, seq_len=4096).fits(1)
+    assert "training peak" in dense.table() and math.isfinite(dense.bytes_per_trained_value)
+
+
+def test_bad_estimator_input_is_refused():
+    config = tiny_llama_config()
+    for kwargs, message in (({"base": "fp8"}, "base must be"), ({"optimizer": "lion"}, "optimizer must be"),
+                            ({"density": 0.0}, "density must be")):
+        with pytest.raises(ValueError, match=message):
+            estimate_memory(config, **kwargs)
+    with pytest.raises(ValueError, match="needs a model"):
+        estimate_memory(object())
