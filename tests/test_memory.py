@@ -77,7 +77,8 @@ def test_estimates_for_a_config_on_the_meta_device_follow_density_and_storage():
     assert bf16 - int8 == sum(w.numel() - 4 * w.shape[0] for w in linears)
     checkpointed = estimate_memory(config, batch_size=4, seq_len=512, gradient_checkpointing=True)
     assert checkpointed.activations < estimate_memory(config, batch_size=4, seq_len=512).activations
-    assert estimate_memory(config).selection_peak == 8 * dense.targeted
+    wide = estimate_memory(tiny_llama_config(num_hidden_layers=16, hidden_size=1024, intermediate_size=2816))
+    assert 4 * wide.targeted < wide.selection_peak <= 4.25 * wide.targeted  # one module's temporaries on top
     assert dense.fits(1) and not estimate_memory(config, batch_size=512, seq_len=4096).fits(1)
     assert "training peak" in dense.table() and math.isfinite(dense.bytes_per_trained_value)
 

@@ -38,7 +38,7 @@ class MemoryEstimate:
     guard: int
     temporaries: int  # per-step: effective weight and dense weight gradient of one layer, the guard's copy
     activations: int
-    selection_peak: int  # selection's gradient accumulators (a separate phase: not part of `peak`)
+    selection_peak: int  # selection on the accelerator, g_M kept on the CPU meanwhile (a separate phase)
     trained: int  # number of trained values
     targeted: int  # number of coordinates of the targeted weights
 
@@ -113,7 +113,8 @@ def estimate_memory(
         guard=trained if guard else 0,
         temporaries=temporaries,
         activations=_activation_bytes(model.config, batch_size, seq_len, compute, gradient_checkpointing),
-        selection_peak=8 * sum(math.prod(shape) for shape in shapes),
+        # g_I's accumulators, plus one module's g_M (brought back from the CPU), s, eligibility and scores
+        selection_peak=4 * sum(math.prod(shape) for shape in shapes) + 13 * biggest_weight,
         trained=trained,
         targeted=sum(math.prod(shape) for shape in shapes),
     )

@@ -59,6 +59,8 @@ def select_collaborative(
 
     kwargs = dict(loss_fn=loss_fn, accumulate_on=accumulate_on, progress=progress)
     g_mastered, n_mastered = mean_weight_gradients(model, layers, mastered, description="g_M (mastered)", **kwargs)
+    for name in g_mastered:  # off the accelerator while g_I accumulates: 4 bytes per targeted coordinate there
+        g_mastered[name] = g_mastered[name].cpu()
     if not n_mastered:
         raise ValueError("the mastered data is empty: selection needs at least one mastered example")
     g_injection, n_injection = mean_weight_gradients(
@@ -75,7 +77,8 @@ def select_collaborative(
         )
     report = SelectionReport(adapter_name, granularity, density, ranking, n_mastered, n_injection)
     for name, layer in layers.items():
-        g_m, g_i = g_mastered.pop(name), g_injection.pop(name)
+        g_i = g_injection.pop(name)
+        g_m = g_mastered.pop(name).to(g_i.device)
         scores, eligible = collaborative_scores(g_m, g_i, granularity, ranking, layer.output_dim)
         support = choose_support(
             scores, layer.delta_shape, eligible=eligible, density=density, granularity=granularity,
