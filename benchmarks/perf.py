@@ -23,16 +23,15 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from timing import timed  # benchmarks/timing.py (scripts run with benchmarks/ on sys.path)
+from torch.utils.benchmark import Measurement, Timer
 
 METHODS = {
     "full": {"kind": "full"},
@@ -55,7 +54,8 @@ METHODS = {
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--steps", type=int, default=6, help="timed training steps per method (after 2 warm-up)")
+    parser.add_argument("--steps", type=int, default=6,
+                        help="timed training steps per method (after 2 warm-up; torch's Timer adds 2 before each)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -65,6 +65,12 @@ def parse_args() -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------- worker ------
+def median_seconds(fn: Callable[[], object], calls: int) -> float:
+    """Median seconds of `calls` timed calls; torch's Timer runs 2 warm-up calls before each and syncs the device."""
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())  # Timer's default: 1 thread
+    return Measurement.merge([timer.timeit(1) for _ in range(calls)])[0].median
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -86,36 +92,13 @@ def training_peak_mb() -> float | None:
     return None
 
 
-def state_bytes(model, optimizer) -> dict[str, int]:
-    """Bytes training keeps for the trainable values: values, grads, optimizer state, CPL index/guard buffers."""
-    from peft_cpl import CPLLayer
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    sizes = {
-        "values": sum(p.numel() * p.element_size() for p in trainable),
-        "grads": sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None),
-        "optimizer": sum(
-            t.numel() * t.element_size()
-            for state in optimizer.state.values()
-            for t in state.values()
-            if isinstance(t, torch.Tensor)
-        ),
-        "indices": 0,
-        "guard": 0,
-    }
-    for module in model.modules():
-        if isinstance(module, CPLLayer):
-            sizes["indices"] += sum(t.numel() * t.element_size() for t in module.cpl_indices.values())
-            sizes["guard"] += sum(t.numel() * t.element_size() for t in module.cpl_mastered_sign.values())
-    return sizes
-
-
 def worker(name: str, args: argparse.Namespace) -> dict:
     from peft import LoraConfig, ShiraConfig, get_peft_model
 
     import peft_cpl
     from peft_cpl.toolkit.default_model import load_default_model
     from peft_cpl.toolkit.loop import make_optimizer
+    from peft_cpl.toolkit.memory import estimate_memory, measure_train_state
     from peft_cpl.tuner.losses import summed_example_loss
 
     spec = METHODS[name]
@@ -155,8 +138,7 @@ def worker(name: str, args: argparse.Namespace) -> dict:
             loss.backward()
             full.zero_grad(set_to_none=True)
 
-        fwd_bwd()
-        result["fwd_bwd_per_example_s"] = statistics.median(timed(fwd_bwd, 3, args.device)) / args.batch
+        result["fwd_bwd_per_example_s"] = median_seconds(fwd_bwd, 3) / args.batch
         result["select_per_example_s"] = result["select_s"] / examples
         result["peak_rss_mb"] = peak_rss_mb()
         return result
@@ -173,16 +155,13 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     else:
         config = peft_cpl.CPLConfig(support="random", density=spec["density"], granularity=spec["granularity"])
         peft_model = get_peft_model(model, config)
-    targeted = sum(
-        module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear)
-    ) - model.get_output_embeddings().weight.numel()
+    targeted = estimate_memory(model.config).targeted  # what "all-linear" targets, by PEFT's own rule
     result["trainable"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     result["targeted_params"] = targeted
     optimizer = make_optimizer(peft_model, spec.get("optimizer", "adamw"), lr=1e-5)
     if spec.get("guard"):
-        for module in peft_model.modules():
-            if isinstance(module, peft_cpl.CPLLayer):
-                module.set_mastered_sign("default", torch.randn(module.cpl_values["default"].numel()))
+        for layer in peft_cpl.cpl_layers(peft_model).values():  # timing needs signs, not the true sign(g_M)
+            layer.set_mastered_sign("default", torch.randn(layer.cpl_values["default"].numel()))
         peft_cpl.CollaborativeGuard(peft_model).attach(optimizer)
     peft_model.train()
     step_index = [0]
@@ -196,15 +175,16 @@ def worker(name: str, args: argparse.Namespace) -> dict:
 
     gc.collect()
     result["training_peak_reset"] = reset_training_peak()
-    timed(step, 2, args.device)
+    for _ in range(2):  # warm-up: the optimizer's state exists before the CUDA peak is reset
+        step()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result["step_s"] = statistics.median(timed(step, args.steps, args.device))
+    result["step_s"] = median_seconds(step, args.steps)
     result["peak_rss_mb"] = peak_rss_mb()
     result["training_peak_rss_mb"] = training_peak_mb() if result["training_peak_reset"] else None
     if args.device == "cuda":
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    result["state_bytes"] = state_bytes(peft_model, optimizer)
+    result["state_bytes"] = measure_train_state(peft_model, optimizer)
 
     peft_model.eval()
     eval_batch = batches[0]["input_ids"]
@@ -217,14 +197,12 @@ def worker(name: str, args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             peft_model.save_pretrained(folder, save_embedding_layers=False)
             result["file_bytes"] = sum(f.stat().st_size for f in Path(folder).glob("adapter_model.*"))
-        infer()
-        result["unmerged_infer_s"] = statistics.median(timed(infer, 3, args.device))
+        result["unmerged_infer_s"] = median_seconds(infer, 3)
         start = time.perf_counter()
         merged = peft_model.merge_and_unload() if spec.get("bits") != 8 else None
         result["merge_s"] = time.perf_counter() - start if merged is not None else None
         if merged is not None:
-            infer(merged)
-            result["merged_infer_s"] = statistics.median(timed(lambda: infer(merged), 3, args.device))
+            result["merged_infer_s"] = median_seconds(lambda: infer(merged), 3)
     return result
 
 
@@ -289,7 +267,8 @@ def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
         machine += f" ({torch.cuda.get_device_name()})"
     header = [
         f"Command: `{command}`",
-        f"Machine: {machine}; batch {args.batch} x {args.seq} tokens; median of {args.steps} steps after 2 warm-up.",
+        f"Machine: {machine}; batch {args.batch} x {args.seq} tokens; median of {args.steps} steps after 2 warm-up "
+        "(torch.utils.benchmark.Timer, 2 more before each).",
         "",
     ]
     return "\n".join(header + lines + [""] + notes) + "\n"

@@ -17,15 +17,15 @@ Strategies (one linear layer, forward + backward with gradients for the input an
 from __future__ import annotations
 
 import argparse
-import statistics
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.benchmark import Measurement, Timer
 
 from peft_cpl.tuner import functional as SF
-from peft_cpl.tuner.support import expand_rows
-
-from timing import timed  # benchmarks/timing.py
+from peft_cpl.tuner import packed as P
+from peft_cpl.tuner.support import Support, expand_rows
 
 
 def gradient_path(threshold: float, run):
@@ -51,31 +51,39 @@ def csr_linear(x, weight, indices, values, shape):
 
 
 def strategies(x, weight, indices, values, shape, rows, row_values) -> dict:
-    """One forward+backward per strategy, as closures over this layer's tensors."""
+    """One forward+backward per strategy, as closures over this layer's tensors.
+
+    "fold" keeps the support as the layers do (packed.py: a bitmask or 16-bit block offsets); "fold int32" as 0.1.0
+    did, an int32 index per value.
+    """
     out_features = shape[0]
+    packed = P.pack(Support.of_indices(indices, shape))
+    flat = P.pack(Support.of_indices(indices, shape), form=P.FLAT)
 
     def additive():
-        (F.linear(x, weight) + SF.sparse_delta_linear(x, None, None, indices, values, shape)).sum().backward()
+        (F.linear(x, weight) + SF.sparse_delta_linear(x, None, None, [packed], [values])).sum().backward()
 
     def row():
         (F.linear(x, weight) + SF.row_delta_linear(x, rows, row_values, out_features)).sum().backward()
 
-    def fold():
-        SF.sparse_delta_linear(x, weight, None, indices, values, shape).sum().backward()
+    def fold(support=packed):
+        SF.sparse_delta_linear(x, weight, None, [support], [values]).sum().backward()
 
     return {
         "fold": gradient_path(0.0, fold),
+        "fold int32": gradient_path(0.0, lambda: fold(flat)),
         "additive": gradient_path(0.0, additive),
         "row": row,
-        "gather": gradient_path(1.0, fold),
+        "gather": gradient_path(1.0, lambda: fold(flat)),
         "csr": lambda: csr_linear(x, weight, indices, values, shape).sum().backward(),
     }
 
 
-def measure(fn, repeats: int, device: str) -> float:
-    """Median milliseconds after one warm-up call."""
-    fn()
-    return statistics.median(timed(fn, repeats, device)) * 1000
+def measure(fn: Callable[[], object], repeats: int) -> float:
+    """Median milliseconds of `repeats` timed calls; torch's Timer runs 2 warm-up calls before each and syncs the
+    device."""
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())  # Timer's default: 1 thread
+    return Measurement.merge([timer.timeit(1) for _ in range(repeats)])[0].median * 1000
 
 
 def main() -> None:
@@ -88,8 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     device = args.device
     print(f"device {device}, {args.tokens} tokens, fp32, ms per forward+backward (median of {args.repeats})")
-    names = ("dense W", "fold", "additive", "row", "gather", "csr")
-    header = f"{'shape':>10} {'density':>7} " + " ".join(f"{name:>8}" for name in names)
+    names = ("dense W", "fold", "fold int32", "additive", "row", "gather", "csr", "form", "index B/value")
+    header = f"{'shape':>10} {'density':>7} " + " ".join(f"{name:>10}" for name in names)
     print(header)
     print("-" * len(header))
     for text in args.shapes.split(","):
@@ -99,9 +107,7 @@ def main() -> None:
         weight = torch.randn(shape, device=device)
         x = torch.randn(args.tokens, in_features, device=device, requires_grad=True)
         full_weight = weight.clone().requires_grad_(True)
-        dense_ms = measure(
-            lambda w=full_weight, inputs=x: F.linear(inputs, w).sum().backward(), args.repeats, device
-        )
+        dense_ms = measure(lambda w=full_weight, inputs=x: F.linear(inputs, w).sum().backward(), args.repeats)
         for density in args.densities:
             count = max(1, round(density * weight.numel()))
             indices = torch.sort(torch.randperm(weight.numel(), device=device)[:count]).values
@@ -114,11 +120,13 @@ def main() -> None:
             for name, run in runs.items():
                 repeats = 1 if name == "gather" and density > 0.05 else args.repeats
                 try:
-                    times[name] = measure(run, repeats, device)
+                    times[name] = measure(run, repeats)
                 except RuntimeError as error:  # e.g. sparse kernels missing on a backend
                     print(f"  {name} unavailable: {error}")
                     times[name] = float("nan")
-            print(f"{text:>10} {density:>7} {dense_ms:>8.2f} " + " ".join(f"{times[n]:>8.2f}" for n in runs))
+            packed = P.pack(Support.of_indices(indices, shape))
+            print(f"{text:>10} {density:>7} {dense_ms:>10.2f} " + " ".join(f"{times[n]:>10.2f}" for n in runs)
+                  + f" {packed.form:>10} {packed.nbytes / count:>10.3f}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from pathlib import Path
 from _tiny import save_tiny_model, tiny_facts
 
 from peft_cpl.toolkit.data import country_facts
-from peft_cpl.toolkit.default_model import default_model_path
 from peft_cpl.toolkit.evaluation import predict, split_by_correctness
+from peft_cpl.toolkit.models import model_path
 
 
 def example_parser(description: str, *, questions: int, teach: int, output: str) -> argparse.ArgumentParser:
@@ -25,9 +25,10 @@ def example_parser(description: str, *, questions: int, teach: int, output: str)
 
 
 def model_and_facts(args: argparse.Namespace) -> tuple[Path, list[dict], float]:
-    """(model folder, facts to ask, learning rate): SmolLM2 and country capitals, or the tiny model and its facts."""
+    """(model folder, facts to ask, learning rate): SmolLM2 and country capitals, or the tiny model and its facts.
+    Load the model with `peft_cpl.toolkit.models.load_model(folder)`."""
     lr = args.lr or (1e-2 if args.tiny else 3e-4)
-    folder = save_tiny_model(args.output / "tiny-base") if args.tiny else default_model_path()
+    folder = save_tiny_model(args.output / "tiny-base") if args.tiny else model_path(None)
     facts = tiny_facts() if args.tiny else country_facts(["capital"])[: args.questions]
     return folder, facts, lr
 

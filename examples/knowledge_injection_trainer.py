@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from _common import example_parser, known_and_unknown, model_and_facts  # examples/_common.py
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from peft_cpl import CollaborativeGuard, CollaborativeGuardCallback, CPLConfig, select_collaborative
-from peft_cpl.toolkit.batches import collate, encode, make_batches
+from peft_cpl.toolkit.batches import collate, encode, make_batches, pad_token_id
 from peft_cpl.toolkit.evaluation import injection_outcome, predict
+from peft_cpl.toolkit.models import load_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,8 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     folder, facts, lr = model_and_facts(args)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    base, tokenizer = load_model(folder)
 
     mastered, injection = known_and_unknown(base, tokenizer, facts, args.teach)
 
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     guard = CollaborativeGuard(model, mastered=mastered_batches, refresh="epoch")
 
     # Each example is the chat prompt + answer tokens; the collator pads and puts the labels on the answer only.
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     trainer = Trainer(
         model=model,
         args=TrainingArguments(

@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-import torch
 from _common import example_parser, known_and_unknown, model_and_facts  # examples/_common.py
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from peft_cpl import CPLConfig, select_collaborative
 from peft_cpl.toolkit.batches import make_batches
 from peft_cpl.toolkit.evaluation import injection_outcome, predict
 from peft_cpl.toolkit.loop import make_optimizer, train
+from peft_cpl.toolkit.models import load_model
 from peft_cpl.tuner.merge import merge_and_report, merge_into_float
 
 
@@ -34,13 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "inputs will be cast to float16": once per matmul
     folder, facts, lr = model_and_facts(args)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-
-    def load_8bit():
-        quantization = BitsAndBytesConfig(load_in_8bit=True)
-        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.float32)
-
-    base = load_8bit().eval()
+    base, tokenizer = load_model(folder, quantize="8bit")
     mastered, injection = known_and_unknown(base, tokenizer, facts, args.teach)
 
     model = get_peft_model(base, CPLConfig(target_modules="all-linear"))
@@ -59,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"support coordinates did not move; {injection_outcome(after_requantized, mastered, injection)}")
 
     # Way 2: lossless. A float model holding dequantized(W) + delta, e.g. to save and quantize again elsewhere.
-    floated = merge_into_float(PeftModel.from_pretrained(load_8bit().eval(), args.output / "adapter"))
+    fresh, _ = load_model(folder, quantize="8bit")
+    floated = merge_into_float(PeftModel.from_pretrained(fresh, args.output / "adapter"))
     after_float = predict(floated, tokenizer, evaluated)
     agree = sum(after_float[item["id"]] == unmerged[item["id"]] for item in evaluated)
     print(f"Merged into float32: {injection_outcome(after_float, mastered, injection)}; "

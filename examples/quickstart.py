@@ -15,12 +15,12 @@ import argparse
 import torch
 from _common import example_parser, known_and_unknown, model_and_facts  # examples/_common.py
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_cpl import CPLConfig, select_collaborative
 from peft_cpl.toolkit.batches import make_batches
 from peft_cpl.toolkit.evaluation import injection_outcome, predict
 from peft_cpl.toolkit.loop import make_optimizer, train
+from peft_cpl.toolkit.models import load_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,8 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     folder, facts, lr = model_and_facts(args)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    base, tokenizer = load_model(folder)
 
     # 1. What does the model know?
     mastered, injection = known_and_unknown(base, tokenizer, facts, args.teach)
@@ -40,8 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. A CPL adapter on every linear layer; its support is the coordinates where g_M * g_I >= 0.
     model = get_peft_model(base, CPLConfig(target_modules="all-linear"))
     report = select_collaborative(model, make_batches(tokenizer, mastered, 8), make_batches(tokenizer, injection, 8))
-    summary = report.summary()
-    print(f"Support: {summary['support']:,} of {summary['numel']:,} coordinates ({summary['support_fraction']:.1%}).")
+    print(f"Selection: {report.sentence()}.")
     model.print_trainable_parameters()
 
     # 3. Train the sparse delta on the unknown facts (the loss is on the answer tokens only).
@@ -53,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. Save (values + compact support indices), reload into a fresh base, merge into the weights.
     model.save_pretrained(args.output / "adapter", save_embedding_layers=False)
-    fresh = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    fresh, _ = load_model(folder)
     reloaded = PeftModel.from_pretrained(fresh, args.output / "adapter")
     ids = torch.tensor([make_batches(tokenizer, injection[:1], 1)[0]["input_ids"][0].tolist()])
     with torch.no_grad():
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"Adapter saved to {args.output / 'adapter'}/ (merge and save a full model with `peft-cpl merge`).")
     return {
         "outcome": outcome, "losses": losses, "reloaded_equal": torch.equal(reloaded_logits, trained_logits),
-        "merged_max_diff": float((merged_logits - trained_logits).abs().max()), "support": summary["support"],
+        "merged_max_diff": float((merged_logits - trained_logits).abs().max()), "support": report.summary()["support"],
     }
 
 

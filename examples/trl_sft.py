@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from _common import example_parser, known_and_unknown, model_and_facts  # examples/_common.py
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from peft_cpl import CPLConfig, select_collaborative
 from peft_cpl.toolkit.batches import make_batches
 from peft_cpl.toolkit.evaluation import injection_outcome, predict
+from peft_cpl.toolkit.models import load_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,8 +40,7 @@ def as_chat(item: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     folder, facts, lr = model_and_facts(args)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    base, tokenizer = load_model(folder)
 
     mastered, injection = known_and_unknown(base, tokenizer, facts, args.teach)
 
@@ -60,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = select_collaborative(
         trainer.model, make_batches(tokenizer, mastered, 8), make_batches(tokenizer, injection, 8)
     )
-    print(f"Support: {report.summary()['support']:,} coordinates ({report.summary()['support_fraction']:.1%}).")
+    print(f"Selection: {report.sentence()}.")
     trainer.train()
 
     after = predict(trainer.model, tokenizer, mastered + injection)

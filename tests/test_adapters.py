@@ -33,7 +33,7 @@ def test_row_supports_take_the_row_path_on_linear_and_conv1d_and_match_the_dense
     for layer in linears.values():
         support = layer.support("default")
         assert support.granularity == "row" and support.output_dim == layer.output_dim
-        assert "default" in layer.cpl_rows  # the row path, Conv1D included
+        assert layer.cpl_index_form["default"] == "rows"  # the row path, Conv1D included
         x = torch.randn(3, 5, layer.in_features, requires_grad=True)
         dense = layer.get_delta_weight("default")
         expected = x @ dense if layer.transposed else x @ dense.T
@@ -55,7 +55,7 @@ def test_an_element_support_that_happens_to_be_whole_rows_stays_an_element_suppo
     layer = next(iter(cpl_layers(model).values()))
     rows = Support.of_rows(torch.tensor([1, 5]), layer.delta_shape)
     layer.set_support("default", Support.of_indices(rows.indices, layer.delta_shape))
-    assert layer.support("default").rows is None and "default" not in layer.cpl_rows
+    assert layer.support("default").rows is None and layer.cpl_index_form["default"] != "rows"
     layer.set_support("default", rows)
     assert torch.equal(layer.support("default").rows, torch.tensor([1, 5]))
     with pytest.raises(ValueError, match="shape"):

@@ -1,6 +1,6 @@
 """The benchmark scripts that need no downloaded model run end to end on tiny settings, so they cannot rot.
 
-(perf.py needs the real SmolLM2 and knowledge_injection.py has its own --quick test.)"""
+(perf.py needs the real SmolLM2 and knowledge_injection/ has its own --quick test.)"""
 
 from __future__ import annotations
 

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_cpl.toolkit.batches import make_batches
-from peft_cpl.toolkit.cli import main, staged_dir
-from peft_cpl.toolkit.data import write_items
+from peft_cpl.toolkit.cli import main
+from peft_cpl.toolkit.cli_files import staged_dir
+from peft_cpl.toolkit.data import read_items, write_items
 from peft_cpl.toolkit.evaluation import debiased_split, injection_outcome, predict
-from peft_cpl.toolkit.records import read_questions
 from peft_cpl.tuner.report import SelectionReport
 
 from .conftest import FACTS, cpl_layers, facts_tokenizer, tiny_llama
@@ -85,8 +85,8 @@ def values(model) -> dict[str, torch.Tensor]:
 def test_split_by_the_models_own_answers(ws):
     base, tokenizer = load_base(ws)
     correct = predict(base, tokenizer, FACTS)
-    mastered = read_questions(ws / "split/mastered.jsonl")
-    injection = read_questions(ws / "split/injection.jsonl")
+    mastered = read_items(ws / "split/mastered.jsonl")
+    injection = read_items(ws / "split/injection.jsonl")
     assert [item["id"] for item in mastered] == [item["id"] for item in FACTS if correct[item["id"]]]
     assert [item["id"] for item in injection] == [item["id"] for item in FACTS if not correct[item["id"]]]
     assert {item["id"] for item in KNOWN} <= {item["id"] for item in mastered} and len(injection) >= 4
@@ -108,9 +108,9 @@ def test_debiased_split_on_multiple_choice(ws, tmp_path, capsys):
 
 def test_select_writes_an_adapter_with_its_support_and_report(ws):
     report = SelectionReport.load(ws / "adapter")
-    assert report.mastered_examples == len(read_questions(ws / "split/mastered.jsonl"))
+    assert report.mastered_examples == len(read_items(ws / "split/mastered.jsonl"))
     model = PeftModel.from_pretrained(load_base(ws)[0], ws / "adapter")
-    support = {name: layer.cpl_indices["default"].numel() for name, layer in cpl_layers(model).items()}
+    support = {name: layer.support("default").size for name, layer in cpl_layers(model).items()}
     assert support == {module.name: module.support for module in report.modules}
     assert 0 < sum(support.values()) < report.summary()["numel"]
     assert all(not v.any() for v in values(model).values())  # selected, not trained: outputs unchanged
@@ -212,7 +212,7 @@ def test_chat_prompt_completion_and_text_records_become_facts(ws, tmp_path, caps
         {"text": "land4 has city4"},
     ]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    items = read_questions(tmp_path / "chat.jsonl")
+    items = read_items(tmp_path / "chat.jsonl")
     assert items == [
         {"question": "capital of land1 ?", "answer": "city1", "id": "chat-1"},
         {"id": "pc", "question": "capital of land2 ?", "answer": "city2"},

@@ -13,6 +13,7 @@ from peft_cpl.toolkit.batches import collate, encode, make_batches
 from peft_cpl.toolkit.data import read_items, write_items
 from peft_cpl.toolkit.evaluation import injection_outcome, predict, split_by_correctness
 from peft_cpl.toolkit.loop import make_optimizer, train
+from peft_cpl.toolkit.tiny import fit
 
 from .conftest import FACTS, facts_tokenizer, tiny_llama
 
@@ -34,15 +35,7 @@ def test_encoding_targets(tokenizer):
 
 
 def memorised_model(tokenizer, items, steps: int = 60, lr: float = 1e-2):
-    model = tiny_llama(seed=0, vocab_size=len(tokenizer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    batch = make_batches(tokenizer, items, batch_size=len(items))[0]
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(**batch).loss.backward()
-        optimizer.step()
-    return model.eval()
+    return fit(tiny_llama(seed=0, vocab_size=len(tokenizer)), tokenizer, items, steps=steps, lr=lr)
 
 
 def test_predict_agrees_with_single_unpadded_forwards(tokenizer):

@@ -5,7 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from peft_cpl.tuner import functional as SF
-from peft_cpl.tuner.support import expand_rows
+from peft_cpl.tuner import packed as P
+from peft_cpl.tuner.support import Support, expand_rows
+
+FORMS = [P.BITMASK, P.BLOCKED, P.FLAT]
 
 
 def weight_numel(shape):
@@ -17,10 +20,11 @@ def _support(numel, density, seed=0):
     return torch.sort(torch.randperm(numel, generator=generator)[: max(1, int(density * numel))]).values
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("density", [0.2, 0.002])  # dense-GEMM and coordinate-wise support gradients
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("with_base", [True, False])
-def test_sparse_delta_linear_matches_dense_autograd(transposed, with_base, density):
+def test_sparse_delta_linear_matches_dense_autograd(transposed, with_base, density, form):
     torch.manual_seed(0)
     out_features, in_features = 48, 80
     shape = (in_features, out_features) if transposed else (out_features, in_features)
@@ -31,7 +35,9 @@ def test_sparse_delta_linear_matches_dense_autograd(transposed, with_base, densi
     values = torch.randn(indices.numel(), requires_grad=True)
     x = torch.randn(3, 5, in_features, requires_grad=True)
 
-    out = SF.sparse_delta_linear(x, weight, bias, indices, values, shape, transposed)
+    packed = P.pack(Support.of_indices(indices, shape), form=form)
+    assert packed.form == form
+    out = SF.sparse_delta_linear(x, weight, bias, [packed], [values], transposed)
     out.square().sum().backward()
 
     dense = torch.zeros(shape) if weight is None else weight.clone()
@@ -48,15 +54,61 @@ def test_sparse_delta_linear_matches_dense_autograd(transposed, with_base, densi
 
 
 def test_backward_keeps_no_dense_weight_alive():
-    """Between forward and backward the graph holds x, the base weight (not a copy), the indices and the values."""
+    """Between forward and backward the graph holds x, the base weight (not a copy) and the values."""
     weight = torch.randn(64, 48)
     indices = _support(64 * 48, 0.1)
     values = torch.zeros(indices.numel(), requires_grad=True)
     x = torch.randn(4, 48)
-    out = SF.sparse_delta_linear(x, weight, None, indices, values, weight.shape)
+    out = SF.sparse_delta_linear(x, weight, None, [P.pack(Support.of_indices(indices, weight.shape))], [values])
     saved = out.grad_fn.saved_tensors
     big = [t for t in saved if t.numel() >= weight.numel()]
     assert len(big) == 1 and big[0].data_ptr() == weight.data_ptr()
+
+
+def test_several_deltas_fold_into_one_effective_weight_each_with_its_gradient():
+    torch.manual_seed(3)
+    weight, x = torch.randn(32, 40), torch.randn(6, 40)
+    first, second = _support(1280, 0.5, seed=1), _support(1280, 0.01, seed=2)
+    supports = [P.pack(Support.of_indices(i, (32, 40))) for i in (first, second)]
+    assert [s.form for s in supports] == [P.BITMASK, P.BLOCKED]
+    values = [torch.randn(i.numel(), requires_grad=True) for i in (first, second)]
+    out = SF.sparse_delta_linear(x, weight, None, supports, values)
+    out.square().sum().backward()
+    dense = weight.clone().requires_grad_(True)
+    delta = torch.zeros(1280).index_add(0, first, values[0].detach()).index_add(0, second, values[1].detach())
+    ref = F.linear(x, dense + delta.reshape(32, 40))
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for indices, value in zip((first, second), values):
+        torch.testing.assert_close(value.grad, dense.grad.reshape(-1)[indices])
+
+
+@pytest.mark.parametrize("form", [*FORMS, None])
+@pytest.mark.parametrize("density", [0.0, 0.004, 0.05, 0.3, 0.6, 1.0])
+def test_packed_forms_round_trip_and_take_little_memory(form, density):
+    shape = (96, 700)  # 67,200 coordinates: more than one 2^16 block
+    numel = shape[0] * shape[1]
+    indices = _support(numel, density) if density else torch.zeros(0, dtype=torch.int64)
+    packed = P.pack(Support.of_indices(indices, shape), form=form)
+    assert torch.equal(P.positions(packed), indices) and P.size(packed) == indices.numel()
+    assert torch.equal(P.to_support(packed).indices, indices)
+    dense = torch.randn(shape)
+    values = torch.randn(indices.numel())
+    torch.testing.assert_close(P.take(dense, packed), dense.reshape(-1)[indices])
+    expected = dense.reshape(-1).clone().index_add_(0, indices, values, alpha=-0.5).reshape(shape)
+    torch.testing.assert_close(P.add_into(dense.clone(), packed, values, alpha=-0.5), expected)
+    if form is None and indices.numel():  # the automatic choice: at most 0.25 B (>= 0.5) and ~2 B (sparse) a value
+        per_value = packed.nbytes / indices.numel()
+        assert per_value <= {0.004: 2.05, 0.05: 2.01, 0.3: 0.42, 0.6: 0.21, 1.0: 0.13}[density]
+
+
+def test_whole_rows_are_kept_as_row_ids():
+    rows = Support.of_rows(torch.tensor([0, 3, 9]), (10, 16))
+    packed = P.pack(rows)
+    assert packed.form == P.ROWS and packed.nbytes == 3 * 8
+    assert torch.equal(P.positions(packed), rows.indices) and P.size(packed) == 48
+    columns = Support.of_rows(torch.tensor([2, 5]), (16, 10), output_dim=1)
+    assert torch.equal(P.positions(P.pack(columns)), columns.indices)
 
 
 def test_row_delta_linear_matches_dense():
@@ -80,7 +132,7 @@ def test_sparse_delta_embedding_matches_dense():
     indices = _support(400, 0.3)
     values = torch.randn(indices.numel(), requires_grad=True)
     ids = torch.tensor([[3, 7, 3, 49], [0, 0, 12, 7]])
-    out = SF.sparse_delta_embedding(ids, indices, values, shape)
+    out = SF.sparse_delta_embedding(ids, P.pack(Support.of_indices(indices, shape), form=P.FLAT), values)
     dense = torch.zeros(400).index_put((indices,), values.detach()).reshape(shape).requires_grad_(True)
     ref = F.embedding(ids, dense)
     torch.testing.assert_close(out, ref)

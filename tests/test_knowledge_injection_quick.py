@@ -1,4 +1,4 @@
-"""benchmarks/knowledge_injection.py --quick: the whole pipeline on a tiny random model writes consistent outputs."""
+"""benchmarks/knowledge_injection --quick: the whole pipeline on a tiny random model writes consistent outputs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "knowledge_injection.py"
+SCRIPT = ROOT / "benchmarks" / "knowledge_injection"  # a package: run by path, through its __main__.py
 METHODS = [
     "full-sgd", "full-adamw", "lora", "nlora", "nlora-released", "random", "magnitude", "agem", "replay", "cpl",
     "cpl-guard", "authors-rule",

@@ -108,7 +108,7 @@ def test_support_is_the_collaborative_set(case, granularity):
             rows = (row_s >= 0) & nonzero
             expected = (rows[:, None] if layer.output_dim == 0 else rows[None, :]).expand_as(s)
         chosen = torch.zeros(s.numel(), dtype=torch.bool)
-        chosen[layer.cpl_indices["default"].long()] = True
+        chosen[layer.support("default").indices] = True
         disagree = chosen != expected.reshape(-1)
         # only coordinates whose score is float noise (|s| ~ 0) may land on the other side
         tiny = 1e-6 * s.abs().max()
@@ -129,7 +129,7 @@ def test_density_cap_ranks_by_injection_gradient():
     g_i, _ = mean_weight_gradients(model, layers, injection, progress=False)
     select_collaborative(model, mastered, injection, density=0.05, progress=False)
     for name, layer in layers.items():
-        chosen = layer.cpl_indices["default"].long()
+        chosen = layer.support("default").indices
         assert chosen.numel() == round(0.05 * g_m[name].numel())
         s, magnitude = (g_m[name] * g_i[name]).reshape(-1), g_i[name].abs().reshape(-1)
         assert bool((s[chosen] >= 0).all())

@@ -88,7 +88,7 @@ def test_only_support_coordinates_change(case, support):
     train_steps(model, case, optimizer_cls=torch.optim.AdamW, lr=0.01)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all(".cpl_values." in n for n in changed)
-    supports = {name: layer.cpl_indices["default"].long() for name, layer in cpl_layers(model).items()}
+    supports = {name: layer.support("default").indices for name, layer in cpl_layers(model).items()}
     merged = model.merge_and_unload()
     moved = []
     for key, weight in merged.state_dict().items():
@@ -111,7 +111,7 @@ def test_frozen_coordinates_get_no_gradient_or_optimizer_state(case):
     assert all(p.dim() == 1 for p in trainable)
     for layer in cpl_layers(model).values():
         values = layer.cpl_values["default"]
-        assert values.grad.shape == values.shape == layer.cpl_indices["default"].shape
+        assert values.grad.shape == values.shape == layer.support("default").indices.shape
         assert optimizer.state[values]["exp_avg"].shape == values.shape
     for name, param in model.named_parameters():
         if ".cpl_values." not in name:
@@ -207,7 +207,7 @@ def test_multiple_adapters_and_deletion(case):
     model.add_adapter("third", CPLConfig(target_modules=case.targets, support="random", density=0.1))
     model.delete_adapter("other")  # active adapter
     for layer in cpl_layers(model).values():
-        for container in ("cpl_values", "cpl_indices", "cpl_rows", "cpl_ready"):
+        for container in ("cpl_values", "cpl_indices", "cpl_index_starts", "cpl_index_form", "cpl_ready"):
             assert set(getattr(layer, container)) <= {"third"}, container
     assert not any("other" in key or "default" in key for key in model.state_dict())
 

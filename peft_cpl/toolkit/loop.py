@@ -1,4 +1,4 @@
-"""A small training loop shared by the demo, the CLI and the benchmarks (the HF Trainer works too: see trainer.py)."""
+"""A small training loop shared by the demo, the CLI and the benchmarks (or use the HF Trainer: hf_trainer.py)."""
 
 from __future__ import annotations
 

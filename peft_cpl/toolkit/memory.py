@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..tuner import packed as P
 from ..tuner.adapters import cpl_layers
 from ..tuner.support import index_dtype
 
@@ -78,6 +79,7 @@ def estimate_memory(
     seq_len: int = 512,
     gradient_checkpointing: bool = False,
     target_modules: str | list[str] = "all-linear",
+    granularity: str = "element",
 ) -> MemoryEstimate:
     """Memory of CPL training at `density` of every targeted weight.
 
@@ -93,15 +95,14 @@ def estimate_memory(
     model = _cpl_model(model_or_config, target_modules)
     layers = list(cpl_layers(model).values())
     shapes = [tuple(layer.delta_shape) for layer in layers]
-    sizes = [_support_size(layer, density) for layer in layers]
+    sizes = [_support_size(layer, density, granularity) for layer in layers]
     trained = sum(sizes)
     value_bytes = _value_bytes(layers)
     compute = _COMPUTE_BYTES[base]
     largest = max(sizes, default=0)
     gradients = (largest if fused else trained) * value_bytes
     state = _optimizer_bytes(sizes, value_bytes, optimizer, fused)
-    index = sum(size * _dtype_bytes(index_dtype(math.prod(shape))) for size, shape in zip(sizes, shapes))
-    index += sum(8 * rows.numel() for layer in layers for rows in layer.cpl_rows.values())
+    index = sum(_index_bytes(layer, size, granularity) for layer, size in zip(layers, sizes))
     biggest_weight = max((math.prod(shape) for shape in shapes), default=0)
     temporaries = biggest_weight * (compute + 4) + (((largest if fused else trained) * value_bytes) if guard else 0)
     return MemoryEstimate(
@@ -139,7 +140,8 @@ def measure_train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> d
         "trained_values": size(trainable),
         "gradients": size(p.grad for p in trainable),
         "optimizer_state": size(t for opt in optimizers for state in opt.state.values() for t in state.values()),
-        "index": size(t for layer in layers for kept in (layer.cpl_indices, layer.cpl_rows) for t in kept.values()),
+        "index": size(t for layer in layers for kept in (layer.cpl_indices, layer.cpl_index_starts)
+                      for t in kept.values()),
         "guard": size(t for layer in layers for t in layer.cpl_mastered_sign.values()),
     }
 
@@ -164,10 +166,26 @@ def _cpl_model(model_or_config: Any, target_modules: str | list[str]) -> nn.Modu
     return get_peft_model(base, CPLConfig(target_modules=target_modules))  # the real targeting rule
 
 
-def _support_size(layer: nn.Module, density: float) -> int:
-    numel = math.prod(layer.delta_shape)
+def _support_size(layer: nn.Module, density: float, granularity: str) -> int:
     chosen = [values.numel() for values in layer.cpl_values.values() if values.numel()]
-    return chosen[0] if chosen else max(1, round(density * numel))
+    if chosen:
+        return chosen[0]
+    rows, row_length = layer.delta_shape[layer.output_dim], layer.delta_shape[1 - layer.output_dim]
+    if granularity == "row":
+        return max(1, round(density * rows)) * row_length
+    return max(1, round(density * rows * row_length))
+
+
+def _index_bytes(layer: nn.Module, size: int, granularity: str) -> int:
+    """Bytes of the support in the form the layer keeps (packed.py), or would choose for `size` coordinates."""
+    chosen = [name for name, values in layer.cpl_values.items() if values.numel()]
+    form = layer.cpl_index_form[chosen[0]] if chosen else (P.ROWS if granularity == "row" else None)
+    numel = math.prod(layer.delta_shape)
+    if form == P.ROWS:
+        return 8 * size // layer.delta_shape[1 - layer.output_dim]
+    if layer.flat_support:
+        return size * _dtype_bytes(index_dtype(numel))
+    return min(P.packed_bytes(size, numel).values())
 
 
 def _value_bytes(layers: list[nn.Module]) -> int:

@@ -1,70 +1,75 @@
 """The sparse-delta math as plain functions on tensors, used by every CPL layer.
 
-A delta is (indices, values): sorted flat coordinates into the base weight as stored, and one value each. The
-autograd function below never keeps a dense weight-sized tensor alive between forward and backward: the effective
-weight is rebuilt where it is needed and the dense weight gradient exists only inside the layer's backward, where it
-is gathered down to the support.
+A delta is (support, values): a `PackedSupport` (packed.py: the support as a layer keeps it) and one value per
+support coordinate, in the flat order of the weight as stored. The autograd function below never keeps a dense
+weight-sized tensor alive between forward and backward: the effective weight is rebuilt where it is needed and the
+dense weight gradient exists only inside the layer's backward, where it is gathered down to the support.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
+from . import packed as P
+from .packed import PackedSupport
 
-def add_delta_(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """dense[indices] += alpha * values, in place, on the flat view of a weight-shaped tensor."""
-    dense.view(-1).index_add_(0, indices.to(dense.device), values.detach().to(dense.dtype), alpha=alpha)
-    return dense
+
+def add_delta_(dense: torch.Tensor, support: PackedSupport, values: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """dense += alpha * delta, in place, on a weight-shaped tensor."""
+    return P.add_into(dense, support, values.to(dense.device), alpha)
 
 
 def scatter_delta(
-    shape: torch.Size | tuple[int, ...],
-    indices: torch.Tensor,
-    values: torch.Tensor,
+    supports: Sequence[PackedSupport],
+    values: Sequence[torch.Tensor],
     *,
     base: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Dense `base + delta` (or the delta alone when `base` is None) as a new tensor."""
-    dtype = dtype or (base.dtype if base is not None else values.dtype)
+    """Dense `base + sum of the deltas` (or the deltas alone when `base` is None) as a new tensor."""
+    dtype = dtype or (base.dtype if base is not None else values[0].dtype)
     if base is None:
-        dense = torch.zeros(shape, dtype=dtype, device=values.device)
+        dense = torch.zeros(supports[0].shape, dtype=dtype, device=values[0].device)
     else:
         dense = base.detach().to(dtype=dtype, copy=True)
-    return add_delta_(dense, indices, values)
-
-
-def gather_support(dense: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Values of `dense` at the flat coordinates `indices`."""
-    return torch.index_select(dense.reshape(-1), 0, indices)
+    for support, delta in zip(supports, values):
+        add_delta_(dense, support, delta)
+    return dense
 
 
 class _SparseDeltaLinear(torch.autograd.Function):
-    """y = x @ (W + delta)^T + b with gradients for x and the delta values only (W and b frozen)."""
+    """y = x @ (W + sum of deltas)^T + b with gradients for x and the delta values only (W and b frozen)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, indices, values, shape, transposed):
-        effective = scatter_delta(shape, indices, values, base=weight, dtype=x.dtype)
+    def forward(ctx, x, weight, bias, supports, transposed, *values):
+        effective = scatter_delta(supports, values, base=weight, dtype=x.dtype)
         out = x @ effective if transposed else F.linear(x, effective)
+        del effective
         if bias is not None:
             out = out + bias.to(out.dtype)
-        ctx.save_for_backward(x, weight, indices, values)
-        ctx.shape, ctx.transposed = shape, transposed
+        ctx.save_for_backward(x, weight, *values)
+        ctx.supports, ctx.transposed = supports, transposed
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, indices, values = ctx.saved_tensors
-        grad_x = grad_bias = grad_values = None
+        x, weight, *values = ctx.saved_tensors
+        grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            effective = scatter_delta(ctx.shape, indices, values, base=weight, dtype=grad_out.dtype)
+            effective = scatter_delta(ctx.supports, values, base=weight, dtype=grad_out.dtype)
             grad_x = grad_out @ effective.T if ctx.transposed else grad_out @ effective
+            del effective
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        if ctx.needs_input_grad[4]:
-            grad_values = support_weight_grad(grad_out, x, indices, ctx.transposed).to(values.dtype)
-        return grad_x, None, grad_bias, None, grad_values, None, None
+        grad_values = [
+            support_weight_grad(grad_out, x, support, ctx.transposed, value.numel()).to(value.dtype)
+            if wanted else None
+            for support, value, wanted in zip(ctx.supports, values, ctx.needs_input_grad[5:])
+        ]
+        return grad_x, None, grad_bias, None, None, *grad_values
 
 
 # Below this density the support's gradient is computed coordinate by coordinate instead of through the dense
@@ -87,12 +92,17 @@ def weight_grad_factors(
 
 
 def support_weight_grad(
-    grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, transposed: bool = False
+    grad_out: torch.Tensor, x: torch.Tensor, support: PackedSupport, transposed: bool = False, count: int | None = None
 ) -> torch.Tensor:
-    """Gradient of a linear layer's weight at the support coordinates only: (grad_out^T x) at `indices`."""
+    """Gradient of a linear layer's weight at the support coordinates only: (grad_out^T x) there.
+
+    `count` (the number of support coordinates, i.e. of values) saves reading it off the support.
+    """
     left, right = weight_grad_factors(grad_out, x, transposed)
-    if indices.numel() >= COORDINATEWISE_GRAD_BELOW * left.shape[1] * right.shape[1]:
-        return gather_support(left.T @ right, indices)
+    count = P.size(support) if count is None else count
+    if support.form == P.BITMASK or count >= COORDINATEWISE_GRAD_BELOW * support.numel:
+        return P.take(left.T @ right, support)
+    indices = P.positions(support)
     left_t, right_t = left.T.contiguous(), right.T.contiguous()
     first, second = indices // right.shape[1], indices % right.shape[1]
     grad = torch.empty(indices.numel(), dtype=left.dtype, device=left.device)
@@ -107,16 +117,15 @@ def sparse_delta_linear(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    indices: torch.Tensor,
-    values: torch.Tensor,
-    shape: torch.Size | tuple[int, ...],
+    supports: Sequence[PackedSupport],
+    values: Sequence[torch.Tensor],
     transposed: bool = False,
 ) -> torch.Tensor:
-    """Linear layer with a sparse delta on its weight; `weight=None` gives the delta's contribution alone.
+    """Linear layer with sparse deltas on its weight; `weight=None` gives the deltas' contribution alone.
 
     `transposed=True` is the Conv1D layout, where the weight is stored (in_features, out_features).
     """
-    return _SparseDeltaLinear.apply(x, weight, bias, indices, values, tuple(shape), transposed)
+    return _SparseDeltaLinear.apply(x, weight, bias, tuple(supports), transposed, *values)
 
 
 def row_delta_linear(
@@ -133,11 +142,10 @@ def row_delta_linear(
     return out.index_add(-1, rows, partial)
 
 
-def sparse_delta_embedding(
-    ids: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
-) -> torch.Tensor:
+def sparse_delta_embedding(ids: torch.Tensor, support: PackedSupport, values: torch.Tensor) -> torch.Tensor:
     """Delta rows looked up for `ids`, built only for the rows that occur (cost O(support + batch), not O(weight))."""
-    num_rows, dim = shape
+    num_rows, dim = support.shape
+    indices = P.positions(support)
     unique_ids, inverse = torch.unique(ids, return_inverse=True)
     slot_of_row = torch.full((num_rows,), -1, dtype=torch.int64, device=ids.device)
     slot_of_row[unique_ids] = torch.arange(unique_ids.numel(), device=ids.device)

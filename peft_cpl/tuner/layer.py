@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -15,28 +14,33 @@ from transformers.pytorch_utils import Conv1D
 
 from . import bnb
 from . import functional as SF
+from . import packed as P
 from .config import CPLConfig
+from .packed import PackedSupport
 from .scoring import data_free_support
-from .support import Support, index_dtype
+from .support import Support
 
 
 class CPLLayer(BaseTunerLayer):
     """Per-adapter sparse deltas on one base layer.
 
-    `cpl_values[name]` is the only trainable tensor (1-D, one value per support coordinate); `cpl_indices[name]`
-    holds the sorted flat coordinates into the base weight as stored (int32 below 2^31 elements). A layer is "ready"
-    for an adapter once its support exists: at creation for random / magnitude / dense supports, after
-    `select_collaborative` (or loading) for collaborative ones.
+    `cpl_values[name]` is the only trainable tensor (1-D, one value per support coordinate, in the weight's flat
+    order). The support is kept compact (packed.py): `cpl_indices[name]` holds its codes (row ids, a bitmask, or the
+    low 16 bits of each coordinate), `cpl_index_starts[name]` the block starts of the last form, and
+    `cpl_index_form[name]` which form it is. A layer is "ready" for an adapter once its support exists: at creation
+    for random / magnitude / dense supports, after `select_collaborative` (or loading) for collaborative ones.
     """
 
     adapter_layer_names = ("cpl_values",)
-    other_param_names = ("cpl_indices", "cpl_rows", "cpl_mastered_sign", "cpl_ready")
+    other_param_names = ("cpl_indices", "cpl_index_starts", "cpl_index_form", "cpl_mastered_sign", "cpl_ready")
+    flat_support = False  # keep plain flat coordinates (embeddings look their delta up per token)
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.cpl_values = nn.ParameterDict({})
-        self.cpl_indices = BufferDict(persistent=True)
-        self.cpl_rows = BufferDict(persistent=False)  # output-row ids when a support is whole rows (fast path)
+        self.cpl_indices = BufferDict(persistent=True)  # saved, as the codec's record (model.py)
+        self.cpl_index_starts = BufferDict(persistent=False)
+        self.cpl_index_form: dict[str, str] = {}
         self.cpl_mastered_sign = BufferDict(persistent=False)  # sign(g_M) on the support, int8, for the guard
         self.cpl_ready: dict[str, bool] = {}
         self._disable_adapters = False
@@ -60,7 +64,7 @@ class CPLLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: CPLConfig, module_name: str = "", inference_mode: bool = False):
         values_dtype = config.torch_delta_dtype
         self.cpl_values[adapter_name] = nn.Parameter(torch.zeros(0, dtype=values_dtype))
-        self.cpl_indices[adapter_name] = torch.zeros(0, dtype=index_dtype(math.prod(self.delta_shape)))
+        self._keep(adapter_name, P.pack(Support.empty(self.delta_shape), form=P.FLAT))
         self.cpl_ready[adapter_name] = False
         if config.support != "collaborative":
             weight = self.get_base_weight() if config.support == "magnitude" else None
@@ -90,25 +94,36 @@ class CPLLayer(BaseTunerLayer):
             values = torch.zeros(support.size, dtype=old.dtype, device=device)
         elif values.numel() != support.size:
             raise ValueError(f"got {values.numel()} values for {support.size} support coordinates")
-        self.cpl_indices[adapter_name] = support.indices.to(device=device, dtype=index_dtype(math.prod(support.shape)))
+        self._keep(adapter_name, P.pack(support.to(device), form=P.FLAT if self.flat_support else None))
         self.cpl_values[adapter_name] = nn.Parameter(values.to(device=device, dtype=old.dtype).reshape(-1))
         self.cpl_values[adapter_name].requires_grad_(old.requires_grad)
-        if support.rows is not None:
-            self.cpl_rows[adapter_name] = support.rows.to(device)
-        elif adapter_name in self.cpl_rows:
-            del self.cpl_rows[adapter_name]
         if adapter_name in self.cpl_mastered_sign:
             del self.cpl_mastered_sign[adapter_name]  # belonged to the previous support
         self.cpl_ready[adapter_name] = True
 
+    def _keep(self, adapter_name: str, packed: PackedSupport) -> None:
+        self.cpl_indices[adapter_name] = packed.codes
+        self.cpl_index_starts[adapter_name] = packed.starts
+        self.cpl_index_form[adapter_name] = packed.form
+
+    def packed_support(self, adapter_name: str) -> PackedSupport:
+        """The adapter's support in the compact form this layer keeps (what the delta math takes)."""
+        return PackedSupport(
+            self.cpl_index_form[adapter_name], self.cpl_indices[adapter_name], self.cpl_index_starts[adapter_name],
+            tuple(self.delta_shape), self.output_dim,
+        )
+
     def support(self, adapter_name: str) -> Support:
         """The adapter's support on this layer, as the value selection made and the adapter file stores."""
-        rows = self.cpl_rows[adapter_name] if adapter_name in self.cpl_rows else None  # noqa: SIM401 (no .get)
-        return Support(tuple(self.delta_shape), self.cpl_indices[adapter_name].to(torch.int64), rows, self.output_dim)
+        return P.to_support(self.packed_support(adapter_name))
+
+    def add_delta_into(self, dense: torch.Tensor, adapter_name: str, alpha: float = 1.0) -> torch.Tensor:
+        """dense += alpha * this adapter's delta (dense shaped like the weight as stored)."""
+        return SF.add_delta_(dense, self.packed_support(adapter_name), self.cpl_values[adapter_name].detach(), alpha)
 
     def set_mastered_sign(self, adapter_name: str, mastered_gradient: torch.Tensor) -> None:
         """Keep sign(g_M) at the support coordinates (1 byte each): all the guard needs of g_M."""
-        if mastered_gradient.numel() != self.cpl_indices[adapter_name].numel():
+        if mastered_gradient.numel() != self.cpl_values[adapter_name].numel():
             raise ValueError("one mastered-gradient entry per support coordinate is needed")
         sign = torch.sign(mastered_gradient.detach()).to(device=self._base_device(), dtype=torch.int8)
         self.cpl_mastered_sign[adapter_name] = sign
@@ -131,7 +146,7 @@ class CPLLayer(BaseTunerLayer):
         device = device or self._base_device()
         if device.type == "meta":
             return
-        for container in (self.cpl_values, self.cpl_indices, self.cpl_rows, self.cpl_mastered_sign):
+        for container in (self.cpl_values, self.cpl_indices, self.cpl_index_starts, self.cpl_mastered_sign):
             if adapter_name not in container:  # BufferDict has no .get()
                 continue
             tensor = container[adapter_name]
@@ -169,8 +184,8 @@ class CPLLayer(BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense delta of one adapter, shaped like the base weight as stored, in float32."""
-        values = self.cpl_values[adapter_name]
-        return SF.scatter_delta(self.delta_shape, self.cpl_indices[adapter_name], values, dtype=torch.float32)
+        values = self.cpl_values[adapter_name].detach()
+        return SF.scatter_delta([self.packed_support(adapter_name)], [values], dtype=torch.float32)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the deltas into the base weight (dequantize, add, requantize for quantized bases)."""
@@ -189,7 +204,7 @@ class CPLLayer(BaseTunerLayer):
                 self._apply_delta(name, sign=-1.0, safe=False)
 
     def _apply_delta(self, adapter_name: str, sign: float, safe: bool) -> None:
-        indices, values = self.cpl_indices[adapter_name], self.cpl_values[adapter_name].detach()
+        values = self.cpl_values[adapter_name].detach()
         if not values.numel():
             return
         if safe and not torch.isfinite(values).all():
@@ -199,7 +214,7 @@ class CPLLayer(BaseTunerLayer):
         weight = self.get_base_weight()
         in_place = self.quantization_backend is None
         target = weight if in_place else weight.clone()
-        SF.add_delta_(target, indices, values, alpha=sign)
+        self.add_delta_into(target, adapter_name, alpha=sign)
         if not in_place:
             self.set_base_weight(target)
 
@@ -241,32 +256,23 @@ class Linear(nn.Module, CPLLayer):
         names = self._active_deltas()
         if not names:
             return self.base_layer(x, *args, **kwargs)
-        if all(name in self.cpl_rows for name in names):
+        supports = [self.packed_support(name) for name in names]
+        values = [self.cpl_values[name] for name in names]
+        if all(support.form == P.ROWS for support in supports):
             result = self.base_layer(x, *args, **kwargs)
-            for name in names:
-                delta = SF.row_delta_linear(
-                    x, self.cpl_rows[name], self.cpl_values[name], self.out_features, self.transposed
-                )
+            for support, delta_values in zip(supports, values):
+                delta = SF.row_delta_linear(x, support.codes, delta_values, self.out_features, self.transposed)
                 result = result + delta.to(result.dtype)
             return result
-        indices, values = self._stacked(names)
         base = self.get_base_layer()
         if self.quantization_backend is None and base.weight.dtype == torch.float32:
             # Fold into one matmul with the effective weight: exact in fp32, one GEMM instead of two.
-            return SF.sparse_delta_linear(
-                x, base.weight, base.bias, indices, values, self.delta_shape, self.transposed
-            )
+            return SF.sparse_delta_linear(x, base.weight, base.bias, supports, values, self.transposed)
         # Half-precision or quantized base: keep the base output and add the delta's own contribution, so small
         # updates are not rounded away by W + delta in low precision.
         result = self.base_layer(x, *args, **kwargs)
-        delta = SF.sparse_delta_linear(x, None, None, indices, values, self.delta_shape, self.transposed)
+        delta = SF.sparse_delta_linear(x, None, None, supports, values, self.transposed)
         return result + delta.to(result.dtype)
-
-    def _stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(names) == 1:
-            return self.cpl_indices[names[0]], self.cpl_values[names[0]]
-        indices = torch.cat([self.cpl_indices[n].to(torch.int64) for n in names])
-        return indices, torch.cat([self.cpl_values[n] for n in names])
 
     def __repr__(self) -> str:
         return "cpl." + super().__repr__()
@@ -274,6 +280,8 @@ class Linear(nn.Module, CPLLayer):
 
 class Embedding(nn.Module, CPLLayer):
     """CPL on `nn.Embedding`: the delta is looked up only for the rows present in the batch."""
+
+    flat_support = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: CPLConfig, module_name: str = "", **kwargs):
         super().__init__()
@@ -293,7 +301,7 @@ class Embedding(nn.Module, CPLLayer):
         result = self.base_layer(x, *args, **kwargs)
         embed_scale = self._get_embed_scale()  # scaled embeddings (e.g. Gemma) scale the merged weight too
         for name in self._active_deltas():
-            delta = SF.sparse_delta_embedding(x, self.cpl_indices[name], self.cpl_values[name], self.delta_shape)
+            delta = SF.sparse_delta_embedding(x, self.packed_support(name), self.cpl_values[name])
             if embed_scale is not None:
                 delta = delta * embed_scale.to(delta.dtype)
             result = result + delta.to(result.dtype)

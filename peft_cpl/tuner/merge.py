@@ -17,7 +17,6 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapters import cpl_layers
 from .bnb import dequantized_weight
-from .functional import add_delta_
 
 
 @dataclass
@@ -72,8 +71,8 @@ def merge_and_report(model: nn.Module, adapter_names: list[str] | None = None, w
         intended = torch.zeros_like(before)
         support = torch.zeros(before.numel(), dtype=torch.bool, device=before.device)
         for n in names:
-            add_delta_(intended, layer.cpl_indices[n], layer.cpl_values[n])
-            support[layer.cpl_indices[n].long()] = True
+            layer.add_delta_into(intended, n)
+            support[layer.support(n).indices] = True
         layer.merge(adapter_names=names)
         applied = layer.get_base_weight().detach().float() - before
         moved = applied.reshape(-1)[support] != 0
@@ -109,7 +108,7 @@ def merge_into_float(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
         weight = layer.get_base_weight().detach().to(torch.float32).clone()
         for adapter in layer.active_adapters:
             if adapter in layer.cpl_values:
-                add_delta_(weight, layer.cpl_indices[adapter], layer.cpl_values[adapter])
+                layer.add_delta_into(weight, adapter)
         _replace(model, name, _float_module(layer.get_base_layer(), weight, dtype))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for name, module in list(base.named_modules()):

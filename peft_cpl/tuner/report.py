@@ -65,6 +65,15 @@ class SelectionReport:
             "cosine": self.cosine,
         }
 
+    def sentence(self) -> str:
+        """The selection in one line: the collaborative and conflicting shares, cos(g_M, g_I), the support size."""
+        total = self.summary()
+        return (
+            f"{total['collaborative_fraction']:.1%} of {total['numel']:,} targeted coordinates are collaborative, "
+            f"{total['conflicting_fraction']:.1%} conflicting; cos(g_M, g_I) = {total['cosine']:+.3f}; "
+            f"support {total['support']:,} values ({total['support_fraction']:.2%})"
+        )
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["summary"] = self.summary()

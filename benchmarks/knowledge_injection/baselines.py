@@ -1,7 +1,7 @@
-"""Forgetting baselines that are not part of peft_cpl, used by benchmarks/knowledge_injection.py.
+"""Forgetting baselines that are not part of peft_cpl, so that the benchmark compares CPL with them on equal terms.
 
-Each one plugs into `peft_cpl.toolkit.loop.train` through the hooks it already has (a `loss_fn`, an optimizer
-wrapper, a sequence of batches), so the training loop itself is the library's.
+Each one plugs into `peft_cpl.toolkit.loop.train` through what it already takes (a `loss_fn`, an optimizer with a
+step hook, a sequence of batches), so the training loop itself is the library's.
 
 - N-LoRA: "Is Parameter Collision Hindering Continual Learning in LLMs?" (COLING 2025). LoRA plus
   lambda * ||Delta W||_1 on the new task's update, Delta W = scaling * B @ A (d_out x d_in), as the paper writes it.
@@ -28,6 +28,7 @@ import torch
 from accelerate.utils import send_to_device
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from peft_cpl.toolkit.batches import make_batches
 from peft_cpl.tuner.losses import LossFn, summed_example_loss, token_losses
@@ -70,36 +71,36 @@ def nlora_loss(lam: float, form: str = "paper") -> LossFn:
     return loss_fn
 
 
-class AGEMOptimizer:
-    """Any torch optimizer whose `step()` first projects the gradient against one reference batch (A-GEM).
+class AGEM:
+    """A-GEM on any torch optimizer: `attach` projects the gradient against one reference batch before each step.
 
-    Wraps like `peft_cpl.tuner.guard.GuardedOptimizer`: `train` calls `zero_grad()` / `step()` on it as on the
-    inner one.
+    Attaches like `peft_cpl.CollaborativeGuard.attach`, through torch's step pre-hook (wrappers with an `.optimizer`
+    are looked through); the returned handle's `.remove()`, or leaving it as a context manager, detaches it.
     Reference batches are visited in a seeded random order, one per step, at the current weights.
     """
 
     def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        model: nn.Module,
-        reference_batches: Sequence[dict],
-        loss_fn: LossFn | None = None,
-        seed: int = 0,
+        self, model: nn.Module, reference_batches: Sequence[dict], loss_fn: LossFn | None = None, seed: int = 0
     ) -> None:
         if not reference_batches:
             raise ValueError("A-GEM needs at least one reference batch")
-        self.optimizer, self.model, self.loss_fn = optimizer, model, loss_fn
+        self.model, self.loss_fn = model, loss_fn
         order = list(range(len(reference_batches)))
         random.Random(seed).shuffle(order)
         self._reference = itertools.cycle([reference_batches[index] for index in order])
         self.steps = 0
         self.projected = 0  # steps whose gradient conflicted with the reference and was projected
 
-    def _params(self) -> list[torch.Tensor]:
-        return [param for group in self.optimizer.param_groups for param in group["params"]]
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        while hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"A-GEM attaches to a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        return optimizer.register_step_pre_hook(lambda stepping, *_: self.project(stepping))
 
-    def step(self, closure=None):
-        params = self._params()
+    def project(self, optimizer: torch.optim.Optimizer) -> None:
+        """Where g . g_ref < 0, set the parameters' gradient g to g - (g . g_ref / g_ref . g_ref) g_ref."""
+        params = [param for group in optimizer.param_groups for param in group["params"]]
         grads = [None if param.grad is None else param.grad.detach().clone() for param in params]
         for param in params:
             param.grad = None
@@ -119,10 +120,6 @@ class AGEMOptimizer:
         for param, grad in zip(params, grads):
             param.grad = grad
         self.steps += 1
-        return self.optimizer.step(closure)
-
-    def __getattr__(self, name: str):
-        return getattr(self.optimizer, name)
 
 
 class ReplayBatches(Sequence):

@@ -1,0 +1,164 @@
+"""One run of a method (train a fresh base, count after every epoch), and the two-task run that measures collision."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import threading
+import time
+
+import torch
+from peft import PeftModel
+from torch import nn
+from tqdm.auto import tqdm
+
+from peft_cpl import export_support
+from peft_cpl.toolkit.evaluation import predict
+from peft_cpl.toolkit.loop import train
+
+from .baselines import collision_rate
+from .data import Split, World
+from .methods import Method, build
+from .selection import Selection
+from .settings import TaskSettings
+
+
+class PeakMemory:
+    """Peak resident memory (MiB) of this process during a block: psutil sampled every 20 ms, else ru_maxrss."""
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            import psutil
+
+            self._process = psutil.Process()
+        except ImportError:
+            self._process = None
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        if self._process is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.start_mb = self._process.memory_info().rss / 2**20 if self._process is not None else 0.0
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
+            self._stop.wait(0.02)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._process is not None:
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
+        else:  # process-wide peak since start (Linux: KiB)
+            self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.gpu_peak_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def counts(correct: dict[str, bool], split: Split) -> dict[str, int]:
+    return {
+        "learned": sum(correct[item["id"]] for item in split.injection),
+        "forgotten_in": sum(not correct[item["id"]] for item in split.mastered_ref),
+        "forgotten_out": sum(not correct[item["id"]] for item in split.mastered_held),
+        "heldout_correct": sum(correct[item["id"]] for item in split.injection_held),
+    }
+
+
+def weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """CPU float copies of the weights of the named linear modules of a plain (not PEFT-wrapped) model."""
+    return {name: model.get_submodule(name).weight.detach().float().cpu().clone() for name in names}
+
+
+def merged_deltas(model: nn.Module, reference: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """(plain model with the update merged in, its change on every targeted linear weight)."""
+    plain = model.merge_and_unload() if isinstance(model, PeftModel) else model
+    deltas = {name: plain.get_submodule(name).weight.detach().float().cpu() - w for name, w in reference.items()}
+    return plain, deltas
+
+
+def outside_collaborative_share(deltas: dict[str, torch.Tensor], collaborative: dict[str, torch.Tensor]) -> float:
+    outside = total = 0.0
+    for name, delta in deltas.items():
+        squared = delta.reshape(-1).double().square()
+        total += float(squared.sum())
+        outside += float(squared[~collaborative[name]].sum())
+    return outside / total if total else 0.0
+
+
+def run_one(args: argparse.Namespace, world: World, task: TaskSettings, split: Split, selection: Selection,
+            method: Method, lr: float) -> dict:
+    record: dict = {"method": method.name, "lr": lr, "optimizer": method.optimizer, "epochs": []}
+    eval_seconds = 0.0
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        built = build(args, world.tokenizer, method, lr, world.fresh_base(), split.injection, split.mastered_ref,
+                      selection, cached_support=True, random_seed=args.seed)
+        model = built.model
+        record["trainable"] = sum(param.numel() for param in model.parameters() if param.requires_grad)
+
+        def evaluate(epoch: int) -> None:
+            nonlocal eval_seconds
+            begin = time.perf_counter()
+            correct = predict(model, world.tokenizer, split.eval_items, batch_size=args.eval_batch_size)
+            eval_seconds += time.perf_counter() - begin
+            row = {"epoch": epoch + 1, **counts(correct, split)}
+            record["epochs"].append(row)
+            tqdm.write(f"  {task.name} {method.name:<15} lr {lr:.2g} epoch {row['epoch']}: learned {row['learned']}"
+                       f"/{len(split.injection)}, forgotten {row['forgotten_in']}/{len(split.mastered_ref)} in-set, "
+                       f"{row['forgotten_out']}/{len(split.mastered_held)} out-of-set, held-out injection "
+                       f"{row['heldout_correct']}/{len(split.injection_held)}")
+
+        losses = train(model, built.batches, epochs=task.epochs, optimizer=built.optimizer, guard=built.guard,
+                       loss_fn=built.loss_fn, seed=args.seed, on_epoch_end=evaluate, progress=False)
+        record["train_seconds"] = time.perf_counter() - started - eval_seconds + built.setup_seconds
+    for row, loss in zip(record["epochs"], losses):
+        row["loss"] = loss
+    record.update(eval_seconds=eval_seconds, selection_seconds_included=built.setup_seconds,
+                  peak_rss_mb=memory.peak_mb, start_rss_mb=memory.start_mb, peak_gpu_mb=memory.gpu_peak_mb)
+    if built.guard is not None:
+        record["guard_revert_fraction"] = built.guard.revert_fraction
+    if built.agem is not None:
+        record["agem_projected_steps"] = f"{built.agem.projected}/{built.agem.steps}"
+    _, deltas = merged_deltas(model, selection.base_weights)
+    record["update_outside_collaborative"] = outside_collaborative_share(deltas, selection.collaborative)
+    return record
+
+
+def collision_run(args: argparse.Namespace, world: World, task: TaskSettings, split: Split, selection: Selection,
+                  method: Method, lr: float) -> dict:
+    """Two injection tasks learned in sequence (task 1 merged, then a fresh adapter for task 2); their collision."""
+    half = len(split.injection) // 2
+    first, second = split.injection[:half], split.injection[half:]
+    deltas, supports = [], []
+    model = world.fresh_base()
+    base_weights = reference = selection.base_weights
+    stages = ((first, split.mastered_ref), (second, split.mastered_ref + first))  # task 1 is known once learned
+    for index, (task_items, mastered) in enumerate(stages):
+        built = build(args, world.tokenizer, method, lr, model, task_items, mastered, selection, cached_support=False,
+                      random_seed=args.seed + index)
+        if method.kind == "cpl":
+            supports.append({name: s.indices for name, s in export_support(built.model).supports.items()})
+        train(built.model, built.batches, epochs=task.epochs, optimizer=built.optimizer, guard=built.guard,
+              loss_fn=built.loss_fn, seed=args.seed, progress=False)
+        model, delta = merged_deltas(built.model, reference)
+        deltas.append(delta)
+        reference = weights(model, list(reference))
+    correct = predict(model, world.tokenizer, split.eval_items, batch_size=args.eval_batch_size)
+    record = {
+        "method": method.name, "lr": lr, "task_sizes": [len(first), len(second)],
+        "task1_retained": sum(correct[item["id"]] for item in first),
+        "task2_learned": sum(correct[item["id"]] for item in second),
+        "forgotten_in": sum(not correct[item["id"]] for item in split.mastered_ref),
+        "forgotten_out": sum(not correct[item["id"]] for item in split.mastered_held),
+        "collision": {},
+    }
+    for tau in args.collision_taus:
+        thresholds = {name: tau * float(w.square().mean().sqrt()) for name, w in base_weights.items()}
+        record["collision"][str(tau)] = collision_rate(deltas[0], deltas[1], thresholds)
+    if supports:
+        overlap = sum(int(torch.isin(supports[0][n], supports[1][n]).sum()) for n in supports[0])
+        record["support_overlap"] = overlap / sum(w.numel() for w in base_weights.values())
+    return record
