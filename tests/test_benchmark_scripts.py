@@ -40,3 +40,14 @@ def test_strategies_times_every_strategy():
     for strategy in ("fold", "additive", "row", "gather", "csr"):
         assert strategy in header
     assert re.search(r"^\s*32x16\s+0\.1(\s+[\d.]+){4,}", text, re.M), text
+
+
+def test_memory_table_covers_every_setting_of_a_config(tmp_path):
+    text = run_script("memory_table.py", "--configs", str(ROOT / "benchmarks/configs/qwen2.5-1.5b.json"),
+                      "--densities", "0.6", "--output", str(tmp_path / "table.md"))
+    rows = [line for line in text.splitlines() if line.startswith("| qwen2.5-1.5b")]
+    assert len(rows) == 3 * 2 * 2  # bases x optimizers x fused
+    per_value = {tuple(cell.strip() for cell in row.split("|")[3:6]): float(row.split("|")[6]) for row in rows}
+    assert per_value[("bf16", "adamw8bit", "yes")] <= 6.5 and per_value[("bf16", "adamw", "yes")] <= 12.5
+    assert per_value[("bf16", "adamw", "no")] <= 16.5
+    assert (tmp_path / "table.md").read_text() == text.rstrip("\n") + "\n"

@@ -13,6 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from peft_cpl.toolkit import checkpoint
 from peft_cpl.toolkit.batches import make_batches
 from peft_cpl.toolkit.cli import main
 from peft_cpl.toolkit.cli_files import staged_dir
@@ -129,6 +130,26 @@ def test_train_changes_only_support_values_and_writes_a_checkpoint(ws):
     assert not [p.name for p in ws.iterdir() if p.name.startswith(".")]  # no staging folders left behind
 
 
+def test_the_fused_step_is_the_default_and_trains_like_the_plain_optimizer(ws, capsys):
+    code, _, _ = run(capsys, *train_args(ws, "unfused", 2, "--no-fused"))
+    assert code == 0
+    states = {d: json.loads((ws / d / "checkpoint/state.json").read_text()) for d in ("trained", "unfused")}
+    assert states["trained"]["fused"] is True and states["unfused"]["fused"] is False
+    for fused, plain in zip(values(PeftModel.from_pretrained(load_base(ws)[0], ws / "trained")).values(),
+                            values(PeftModel.from_pretrained(load_base(ws)[0], ws / "unfused")).values()):
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-6)
+    # a run checkpointed before the fused step existed resumes unfused, as it was trained
+    old = json.loads((ws / "unfused/checkpoint/state.json").read_text())
+    del old["fused"]
+    assert checkpoint.run_settings({"fused": None}, old)["fused"] is False
+
+
+def optimizer_states(saved: dict) -> list[dict]:
+    """Per-tensor states of a plain or a fused (one optimizer per tensor) optimizer's state_dict."""
+    parts = saved.get("per_parameter", [saved])
+    return [state for part in parts for _, state in sorted(part["state"].items())]
+
+
 def test_resume_continues_exactly_where_it_stopped(ws, capsys):
     assert run(capsys, *train_args(ws, "resumed", epochs=1))[0] == 0
     code, out, _ = run(capsys, "train", "--output", ws / "resumed", "--resume", "--epochs", 2)
@@ -139,8 +160,10 @@ def test_resume_continues_exactly_where_it_stopped(ws, capsys):
     guard, resumed_guard = (load_file(ws / f"{d}/checkpoint/cpl_guard.safetensors") for d in ("trained", "resumed"))
     assert guard.keys() == resumed_guard.keys() and all(torch.equal(guard[k], resumed_guard[k]) for k in guard)
     optimizer, resumed_optimizer = (torch.load(ws / f"{d}/checkpoint/optimizer.pt") for d in ("trained", "resumed"))
-    for key, state in optimizer["state"].items():
-        assert torch.equal(state["exp_avg"], resumed_optimizer["state"][key]["exp_avg"])
+    states, resumed_states = optimizer_states(optimizer), optimizer_states(resumed_optimizer)
+    assert states and len(states) == len(resumed_states)
+    for state, resumed_state in zip(states, resumed_states):
+        assert torch.equal(state["exp_avg"], resumed_state["exp_avg"])
 
     code, _, err = run(capsys, "train", "--output", ws / "resumed", "--resume", "--epochs", 3, "--lr", "0.1")
     assert code == 2 and "--lr 0.1 differs from the checkpoint's 0.01" in err

@@ -96,3 +96,22 @@ def test_bad_estimator_input_is_refused():
             estimate_memory(config, **kwargs)
     with pytest.raises(ValueError, match="needs a model"):
         estimate_memory(object())
+
+
+def test_cli_estimate_prints_the_breakdown_and_the_verdict(tmp_path, capsys):
+    from peft_cpl.toolkit.cli import main
+
+    tiny_llama_config(num_hidden_layers=4, hidden_size=128, intermediate_size=256).save_pretrained(tmp_path)
+    assert main(["estimate", "--model", str(tmp_path), "--density", "0.3", "--optimizer", "adamw8bit",
+                 "--base", "nf4", "--gpu-gib", "1"]) == 0
+    out = capsys.readouterr().out
+    for part in ("base_weights", "trained_values", "optimizer_state", "index", "activations", "training peak"):
+        assert part in out
+    assert "training: fits in 1 GiB" in out
+    expected = estimate_memory(tiny_llama_config(num_hidden_layers=4, hidden_size=128, intermediate_size=256),
+                               density=0.3, optimizer="adamw8bit", base="nf4", fused=True)
+    assert f"{expected.bytes_per_trained_value:.2f} B of train state per trained value" in out
+    assert main(["estimate", "--model", str(tmp_path / "missing")]) == 2
+    assert "no such folder or config file" in capsys.readouterr().err
+    assert main(["estimate", "--model", str(tmp_path), "--density", "1.5"]) == 2
+    assert "density must be in (0, 1]" in capsys.readouterr().err

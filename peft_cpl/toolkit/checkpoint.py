@@ -23,7 +23,9 @@ CHECKPOINT_DIR, STATE_FILE, OPTIMIZER_FILE = "checkpoint", "state.json", "optimi
 SETTINGS = {  # setting: default for a new run
     "model": DEFAULT_MODEL, "adapter": None, "injection": None, "mastered": None, "optimizer": "adamw", "lr": 3e-4,
     "weight_decay": 0.0, "batch_size": 8, "seed": 0, "guard": False, "guard_refresh": "epoch", "quantize": None,
+    "fused": True,
 }
+SAVED_BEFORE = {"fused": False}  # settings added since 0.1.0, as runs checkpointed before them had them
 READ_AT_START = ("adapter",)  # read by a new run only: a resumed run loads the adapter from its checkpoint
 
 
@@ -55,6 +57,7 @@ def run_settings(given: dict, saved: dict | None) -> dict:
     run, which `given` may repeat but not change (SettingChanged)."""
     if saved is None:
         return {key: default if given.get(key) is None else given[key] for key, default in SETTINGS.items()}
+    saved = {**SAVED_BEFORE, **saved}
     for key, value in given.items():
         if value is not None and key not in READ_AT_START and value != saved[key]:
             raise SettingChanged(key, value, saved[key])

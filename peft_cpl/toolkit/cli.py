@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=3, help="total number of epochs")
     train.add_argument("--batch-size", type=int, help="items per step (default: 8)")
     train.add_argument("--seed", type=int, help="order of the batches (default: 0)")
+    train.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                       help="step each values tensor inside backward and free its gradient (default: on; saves 4 "
+                       "bytes per trained value)")
     train.add_argument("--guard", action="store_true",
                        help="revert, after each step, updates that raise the mastered loss to first order")
     train.add_argument("--guard-refresh", type=_guard_refresh, metavar="WHEN",
@@ -194,6 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
                       "selection_report.json and checkpoint/; prints per module the weight shape, support size, "
                       "density and index bytes, then totals and the file size. Writes nothing.")
     inspect.add_argument("adapter", help="adapter folder")
+
+    estimate = command("estimate", "how much memory CPL training of a model needs",
+                       "Reads the model's config only (config.json of a model folder, or the file itself; the model "
+                       "is built on the meta device, so any size is instant) and prints the memory of training "
+                       "at the given settings part by part: base weights, trained values, gradients, optimizer "
+                       "state, index, guard, per-step temporaries, activations, and selection's peak. With "
+                       "--gpu-gib it says whether that fits. Train-state bytes are exact; activations estimated.")
+    estimate.add_argument("--model", required=True, help="a model folder or a config.json")
+    estimate.add_argument("--density", type=float, default=0.6, help="fraction of each targeted weight trained")
+    estimate.add_argument("--granularity", choices=("element", "row"), default="element")
+    estimate.add_argument("--optimizer", choices=("adamw", "adamw8bit", "sgd"), default="adamw")
+    estimate.add_argument("--base", choices=("fp32", "bf16", "int8", "nf4"), default="bf16",
+                          help="storage of the base weights (int8 / nf4: bitsandbytes)")
+    estimate.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                          help="fused step (no gradient buffers; the default of `train`)")
+    estimate.add_argument("--guard", action="store_true", help="with the guard")
+    estimate.add_argument("--batch-size", type=int, default=1)
+    estimate.add_argument("--seq-len", type=int, default=512)
+    estimate.add_argument("--gradient-checkpointing", action="store_true")
+    estimate.add_argument("--gpu-gib", type=float, help="GPU memory to fit in, GiB")
     return parser
 
 

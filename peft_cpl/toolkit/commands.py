@@ -141,11 +141,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     base, tokenizer = load_model(settings["model"], settings["quantize"])
     model = load_adapter(base, output if saved else settings["adapter"], trainable=True)
     batches = make_batches(tokenizer, injection, settings["batch_size"], seed=settings["seed"])
-    optimizer = make_optimizer(model, settings["optimizer"], settings["lr"], settings["weight_decay"])
     guard = None
     if settings["guard"]:
         mastered_batches = make_batches(tokenizer, mastered, settings["batch_size"])
         guard = CollaborativeGuard(model, mastered=mastered_batches, refresh=settings["guard_refresh"])
+    fused = settings["fused"]
+    optimizer = make_optimizer(model, settings["optimizer"], settings["lr"], settings["weight_decay"], fused=fused,
+                               guard=guard if fused else None)
     start = saved["epoch"] if saved else 0
     if saved:
         checkpoint.restore(output, optimizer=optimizer, guard=guard)
@@ -240,3 +242,33 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     state = checkpoint.read_state(adapter.folder)
     if state is not None:
         print(f"checkpoint: epoch {state['epoch']} of {state['epochs']} (resume with `peft-cpl train --resume`)")
+
+
+def cmd_estimate(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from .memory import estimate_memory
+
+    path = Path(args.model)
+    if not path.exists():
+        raise CLIError(f"--model {path}: no such folder or config file")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"--model {path}: not a model folder or config.json ({str(error).splitlines()[0]})") from None
+    if args.batch_size < 1 or args.seq_len < 1:
+        raise CLIError("--batch-size and --seq-len must be at least 1")
+    estimate = estimate_memory(
+        config, density=args.density, optimizer=args.optimizer, base=args.base, fused=args.fused, guard=args.guard,
+        batch_size=args.batch_size, seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing,
+        granularity=args.granularity,
+    )
+    print(f"{config.model_type} from {path}: density {args.density} ({args.granularity}), {args.optimizer}"
+          f"{' fused' if args.fused else ''}{' + guard' if args.guard else ''}, {args.base} base, batch "
+          f"{args.batch_size} x {args.seq_len}{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+    print(estimate.table())
+    if args.gpu_gib is not None:
+        for what, selection in (("training", False), ("selection with its accumulators on the GPU", True)):
+            verdict = "fits" if estimate.fits(args.gpu_gib, selection=selection) else "does not fit"
+            print(f"{what}: {verdict} in {args.gpu_gib:g} GiB")
+        print("(select_collaborative(..., accumulate_on='cpu') keeps selection's accumulators in host memory)")

@@ -11,6 +11,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..tuner.fused import FusedStep
 from ..tuner.guard import CollaborativeGuard
 from ..tuner.losses import LossFn, summed_example_loss
 
@@ -29,12 +30,26 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float = 0.0,
+    *,
+    fused: bool = False,
+    guard: CollaborativeGuard | None = None,
+) -> torch.optim.Optimizer:
+    """The optimizer `name` over the trainable parameters; `fused=True` steps each tensor inside backward
+    (tuner/fused.py: no gradient buffers), with the `guard` reverting per tensor."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}")
     params = [param for param in model.parameters() if param.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (was the CPL support selected?)")
+    if fused:
+        return FusedStep(params, OPTIMIZERS[name], guard=guard, lr=lr, weight_decay=weight_decay)
+    if guard is not None:
+        raise ValueError("make_optimizer(guard=...) is for fused=True; otherwise pass the guard to train()")
     return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay)
 
 
@@ -54,10 +69,17 @@ def train(
 
     The loss of a batch is the mean over its examples of each example's loss, as in selection.
     """
+    if isinstance(optimizer, FusedStep):
+        if guard is not optimizer.guard:
+            raise ValueError("a fused optimizer reverts inside backward: build it with the same guard, "
+                             "make_optimizer(..., fused=True, guard=guard)")
+        attached = contextlib.nullcontext()
+    else:
+        attached = guard.attach(optimizer) if guard is not None else contextlib.nullcontext()
     device = next(model.parameters()).device
     order = list(range(len(batches)))
     history = []
-    with guard.attach(optimizer) if guard is not None else contextlib.nullcontext():
+    with attached:
         for epoch in range(epochs):
             model.train()
             if guard is not None:

@@ -55,8 +55,14 @@ class MemoryEstimate:
     def bytes_per_trained_value(self) -> float:
         return self.train_state / self.trained if self.trained else 0.0
 
-    def fits(self, gib: float) -> bool:
-        return max(self.peak, self.base_weights + self.selection_peak) <= gib * 2**30
+    def fits(self, gib: float, selection: bool = True) -> bool:
+        """Training fits in `gib`; with `selection`, selection (with its accumulators on the GPU) does too.
+
+        `select_collaborative(..., accumulate_on="cpu")` keeps the accumulators in host memory instead, leaving
+        one module's temporaries on the GPU.
+        """
+        needed = max(self.peak, self.base_weights + self.selection_peak) if selection else self.peak
+        return needed <= gib * 2**30
 
     def table(self) -> str:
         rows = [(f.name, getattr(self, f.name)) for f in fields(self) if f.name not in ("trained", "targeted")]
@@ -146,11 +152,19 @@ def measure_train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> d
     }
 
 
-def _cpl_model(model_or_config: Any, target_modules: str | list[str]) -> nn.Module:
+def cpl_model_on_meta(config: Any, target_modules: str | list[str] = "all-linear") -> nn.Module:
+    """The model of `config` on the meta device with an (empty) CPL adapter: what PEFT would target, for free."""
     from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
 
     from ..tuner.config import CPLConfig
 
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    return get_peft_model(base, CPLConfig(target_modules=target_modules))  # the real targeting rule
+
+
+def _cpl_model(model_or_config: Any, target_modules: str | list[str]) -> nn.Module:
     if isinstance(model_or_config, nn.Module) and cpl_layers(model_or_config):
         return model_or_config
     config = getattr(model_or_config, "config", model_or_config)  # a plain model is never modified: its config is
@@ -159,11 +173,7 @@ def _cpl_model(model_or_config: Any, target_modules: str | list[str]) -> nn.Modu
             f"estimate_memory needs a model with CPL adapters, a transformers model or its config; got "
             f"{type(model_or_config).__name__}"
         )
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(config)
-    return get_peft_model(base, CPLConfig(target_modules=target_modules))  # the real targeting rule
+    return cpl_model_on_meta(config, target_modules)
 
 
 def _support_size(layer: nn.Module, density: float, granularity: str) -> int:
