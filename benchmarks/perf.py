@@ -41,6 +41,12 @@ METHODS = {
     **{f"cpl-e{d}": {"kind": "cpl", "density": d, "granularity": "element"} for d in (0.01, 0.1, 0.3, 0.5)},
     **{f"cpl-r{d}": {"kind": "cpl", "density": d, "granularity": "row"} for d in (0.01, 0.1, 0.3, 0.5)},
     "cpl-e0.3+guard": {"kind": "cpl", "density": 0.3, "granularity": "element", "guard": True},
+    "cpl-e0.6": {"kind": "cpl", "density": 0.6, "granularity": "element"},  # the paper's density
+    "cpl-e0.6-int32": {"kind": "cpl", "density": 0.6, "granularity": "element", "index_storage": "int32"},
+    "cpl-e0.6-fused": {"kind": "cpl", "density": 0.6, "granularity": "element", "fused": True},
+    "cpl-e0.6-fused-adam8": {
+        "kind": "cpl", "density": 0.6, "granularity": "element", "fused": True, "optimizer": "adamw8bit",
+    },
     "cpl-e0.3-8bit": {"kind": "cpl", "density": 0.3, "granularity": "element", "bits": 8},
     "cpl-e0.3-8bit-adam8": {
         "kind": "cpl", "density": 0.3, "granularity": "element", "bits": 8, "optimizer": "adamw8bit",
@@ -153,16 +159,22 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     elif spec["kind"] == "shira":
         peft_model = get_peft_model(model, ShiraConfig(r=spec["r"], target_modules="all-linear"))
     else:
-        config = peft_cpl.CPLConfig(support="random", density=spec["density"], granularity=spec["granularity"])
+        config = peft_cpl.CPLConfig(support="random", density=spec["density"], granularity=spec["granularity"],
+                                    index_storage=spec.get("index_storage", "compact"))
         peft_model = get_peft_model(model, config)
     targeted = estimate_memory(model.config).targeted  # what "all-linear" targets, by PEFT's own rule
     result["trainable"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     result["targeted_params"] = targeted
-    optimizer = make_optimizer(peft_model, spec.get("optimizer", "adamw"), lr=1e-5)
+    guard = None
     if spec.get("guard"):
         for layer in peft_cpl.cpl_layers(peft_model).values():  # timing needs signs, not the true sign(g_M)
             layer.set_mastered_sign("default", torch.randn(layer.cpl_values["default"].numel()))
-        peft_cpl.CollaborativeGuard(peft_model).attach(optimizer)
+        guard = peft_cpl.CollaborativeGuard(peft_model)
+    fused = spec.get("fused", False)
+    optimizer = make_optimizer(peft_model, spec.get("optimizer", "adamw"), lr=1e-5, fused=fused,
+                               guard=guard if fused else None)
+    if guard is not None and not fused:
+        guard.attach(optimizer)
     peft_model.train()
     step_index = [0]
 

@@ -100,3 +100,27 @@ def test_resolve_adapter_has_one_rule_with_clear_errors():
     assert resolve_adapter(model, "second") == "second"
     with pytest.raises(ValueError, match="no CPL adapter"):  # the helpers everywhere use the same rule
         select_collaborative(case.build(0), [], [], progress=False)
+
+
+@pytest.mark.parametrize("storage", ["compact", "int32"])
+def test_index_storage_changes_memory_not_results(storage, tmp_path):
+    case = CASES["llama"]
+    config = CPLConfig(target_modules=["q_proj", "down_proj"], support="random", density=0.4, index_storage=storage)
+    model = get_peft_model(case.build(0), config)
+    randomize_values(model)
+    reference = get_peft_model(case.build(0), CPLConfig(target_modules=["q_proj", "down_proj"], support="random",
+                                                        density=0.4, index_storage="int32"))
+    randomize_values(reference)
+    for name, layer in cpl_layers(model).items():
+        assert layer.cpl_index_form["default"] == ("bitmask" if storage == "compact" else "flat")
+        per_value = layer.cpl_indices["default"].nbytes / layer.cpl_values["default"].numel()
+        assert per_value == pytest.approx(1 / (8 * 0.4), rel=0.01) if storage == "compact" else per_value == 4
+        assert torch.equal(layer.support("default").indices, cpl_layers(reference)[name].support("default").indices)
+    inputs = case.inputs(seed=0)
+    torch.testing.assert_close(case.loss(model, inputs), case.loss(reference, inputs), rtol=1e-6, atol=1e-6)
+    model.save_pretrained(tmp_path / storage)
+    loaded = PeftModel.from_pretrained(case.build(0), tmp_path / storage)
+    assert all(layer.cpl_index_form["default"] == cpl_layers(model)[name].cpl_index_form["default"]
+               for name, layer in cpl_layers(loaded).items())
+    with pytest.raises(ValueError, match="index_storage"):
+        CPLConfig(index_storage="int16")

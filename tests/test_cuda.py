@@ -30,3 +30,24 @@ def test_selection_holds_at_most_4_25_bytes_per_targeted_coordinate_on_the_gpu()
     # what stays: values (4 B), indices (4 B) and sign(g_M) (1 B) per support coordinate; the rest is transient
     transient = extra - 9 * support
     assert transient <= 4.25 * targeted + 64 * 2**20, (transient / targeted)
+
+
+@pytest.mark.parametrize("form", ["bitmask", "blocked", "flat"])
+def test_packed_supports_on_cuda_match_the_cpu(form):
+    from peft_cpl.tuner import functional as SF
+    from peft_cpl.tuner import packed as P
+    from peft_cpl.tuner.support import Support
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 80), torch.randn(4, 7, 80)
+    indices = torch.sort(torch.randperm(96 * 80)[:900]).values
+    results = []
+    for device in ("cpu", "cuda"):
+        support = P.pack(Support.of_indices(indices, (96, 80)).to(device), form=form)
+        values = torch.linspace(-1, 1, indices.numel(), device=device, requires_grad=True)
+        inputs = x.to(device).requires_grad_(True)
+        out = SF.sparse_delta_linear(inputs, weight.to(device), None, [support], [values])
+        out.square().sum().backward()
+        results.append([t.detach().cpu() for t in (out, inputs.grad, values.grad)])
+    for cpu, cuda in zip(*results):
+        torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-4)

@@ -44,10 +44,12 @@ def values(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("guarded", [False, True])
-@pytest.mark.parametrize("optimizer_name", ["adamw", "sgd", "adamw8bit"])
+@pytest.mark.parametrize("optimizer_name", ["adamw", "sgd", "adamw8bit", "paged_adamw8bit"])
 def test_fused_step_gives_the_values_of_the_plain_optimizer(optimizer_name, guarded):
-    if optimizer_name == "adamw8bit":
-        optimizer_cls, kwargs = pytest.importorskip("bitsandbytes").optim.AdamW8bit, {"lr": 1e-3}
+    if optimizer_name in ("adamw8bit", "paged_adamw8bit"):  # paged: plain on CPU (bitsandbytes falls back)
+        optim = pytest.importorskip("bitsandbytes").optim
+        optimizer_cls = optim.AdamW8bit if optimizer_name == "adamw8bit" else optim.PagedAdamW8bit
+        kwargs = {"lr": 1e-3}
     else:
         optimizer_cls = torch.optim.AdamW if optimizer_name == "adamw" else torch.optim.SGD
         kwargs = {"lr": 1e-3 if optimizer_name == "adamw" else 0.5}
@@ -132,3 +134,16 @@ def test_fused_step_under_the_hf_trainer_equals_the_plain_loop(tmp_path):
     assert all(v.abs().sum() > 0 for v in values(fused_model).values())
     for name, expected in values(plain_model).items():
         torch.testing.assert_close(values(fused_model)[name], expected, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_an_8bit_optimizer_without_bitsandbytes_is_refused_before_any_step(monkeypatch):
+    from peft_cpl.toolkit.loop import make_optimizer
+
+    (model, _), _, _ = pair(False)
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # as if it were not installed
+    before = {name: v.clone() for name, v in values(model).items()}
+    for fused in (False, True):
+        with pytest.raises(ValueError, match=r"need bitsandbytes.*--optimizer adamw"):
+            make_optimizer(model, "adamw8bit", 1e-3, fused=fused)
+    assert all(torch.equal(before[name], v) for name, v in values(model).items())
+    assert all(p.grad is None for p in trainable(model))

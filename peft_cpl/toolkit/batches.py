@@ -48,7 +48,11 @@ def encode(tokenizer, item: dict) -> Encoded:
 
 
 def collate(encoded: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; labels are -100 except on target tokens."""
+    """Right-padded batch; labels are -100 except on target tokens.
+
+    Padded here rather than by `tokenizer.pad`: most chat tokenizers have no pad token, and `tokenizer.pad` then
+    refuses unless the user's tokenizer is changed; the EOS fallback (`pad_token_id`) needs no change to it.
+    """
     width = max(len(e.input_ids) for e in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)

@@ -1,4 +1,4 @@
-"""`peft-cpl`: knowledge injection from the command line: split, select, train, eval, merge, inspect.
+"""`peft-cpl`: knowledge injection from the command line: split, select, train, eval, merge, inspect, estimate.
 
 Every subcommand is a thin user of the library's public API (`peft-cpl <command> --help` says what it reads and
 writes). Mistakes in the input and files that cannot be read or written are reported as one `error: ...` line on

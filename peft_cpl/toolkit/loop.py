@@ -16,17 +16,28 @@ from ..tuner.guard import CollaborativeGuard
 from ..tuner.losses import LossFn, summed_example_loss
 
 
-def _adamw_8bit(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """bitsandbytes' AdamW with 8-bit moments: 2 bytes of optimizer state per trained value instead of 8."""
+def _bitsandbytes():
     try:
         import bitsandbytes as bnb
     except ImportError as error:
-        raise ValueError("optimizer 'adamw8bit' needs bitsandbytes: pip install 'peft-cpl[bnb]'") from error
-    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+        raise ValueError("optimizers 'adamw8bit' and 'paged_adamw8bit' need bitsandbytes: pip install "
+                         "'peft-cpl[bnb]', or use --optimizer adamw") from error
+    return bnb
+
+
+def _adamw_8bit(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW with 8-bit moments: 2 bytes of optimizer state per trained value instead of 8."""
+    return _bitsandbytes().optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+
+
+def _paged_adamw_8bit(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The same, with its state in CUDA unified memory that pages out under pressure (plain on CPU)."""
+    return _bitsandbytes().optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "adamw8bit": _adamw_8bit,
+    "paged_adamw8bit": _paged_adamw_8bit,
 }
 
 

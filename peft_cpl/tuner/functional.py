@@ -58,8 +58,10 @@ class _SparseDeltaLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, *values = ctx.saved_tensors
         grad_x = grad_bias = None
+        # expanded once for both uses below, and freed with this layer's backward
+        supports = [P.expanded(support, value.numel()) for support, value in zip(ctx.supports, values)]
         if ctx.needs_input_grad[0]:
-            effective = scatter_delta(ctx.supports, values, base=weight, dtype=grad_out.dtype)
+            effective = scatter_delta(supports, values, base=weight, dtype=grad_out.dtype)
             grad_x = grad_out @ effective.T if ctx.transposed else grad_out @ effective
             del effective
         if ctx.needs_input_grad[2]:
@@ -67,7 +69,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
         grad_values = [
             support_weight_grad(grad_out, x, support, ctx.transposed, value.numel()).to(value.dtype)
             if wanted else None
-            for support, value, wanted in zip(ctx.supports, values, ctx.needs_input_grad[5:])
+            for support, value, wanted in zip(supports, values, ctx.needs_input_grad[5:])
         ]
         return grad_x, None, grad_bias, None, None, *grad_values
 
@@ -100,7 +102,7 @@ def support_weight_grad(
     """
     left, right = weight_grad_factors(grad_out, x, transposed)
     count = P.size(support) if count is None else count
-    if support.form == P.BITMASK or count >= COORDINATEWISE_GRAD_BELOW * support.numel:
+    if count >= COORDINATEWISE_GRAD_BELOW * support.numel:
         return P.take(left.T @ right, support)
     indices = P.positions(support)
     left_t, right_t = left.T.contiguous(), right.T.contiguous()

@@ -32,7 +32,9 @@ class CPLLayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("cpl_values",)
-    other_param_names = ("cpl_indices", "cpl_index_starts", "cpl_index_form", "cpl_mastered_sign", "cpl_ready")
+    other_param_names = (
+        "cpl_indices", "cpl_index_starts", "cpl_index_form", "cpl_index_storage", "cpl_mastered_sign", "cpl_ready",
+    )
     flat_support = False  # keep plain flat coordinates (embeddings look their delta up per token)
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -41,6 +43,7 @@ class CPLLayer(BaseTunerLayer):
         self.cpl_indices = BufferDict(persistent=True)  # saved, as the codec's record (model.py)
         self.cpl_index_starts = BufferDict(persistent=False)
         self.cpl_index_form: dict[str, str] = {}
+        self.cpl_index_storage: dict[str, str] = {}  # CPLConfig.index_storage, per adapter
         self.cpl_mastered_sign = BufferDict(persistent=False)  # sign(g_M) on the support, int8, for the guard
         self.cpl_ready: dict[str, bool] = {}
         self._disable_adapters = False
@@ -64,6 +67,7 @@ class CPLLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: CPLConfig, module_name: str = "", inference_mode: bool = False):
         values_dtype = config.torch_delta_dtype
         self.cpl_values[adapter_name] = nn.Parameter(torch.zeros(0, dtype=values_dtype))
+        self.cpl_index_storage[adapter_name] = config.index_storage
         self._keep(adapter_name, P.pack(Support.empty(self.delta_shape), form=P.FLAT))
         self.cpl_ready[adapter_name] = False
         if config.support != "collaborative":
@@ -94,7 +98,8 @@ class CPLLayer(BaseTunerLayer):
             values = torch.zeros(support.size, dtype=old.dtype, device=device)
         elif values.numel() != support.size:
             raise ValueError(f"got {values.numel()} values for {support.size} support coordinates")
-        self._keep(adapter_name, P.pack(support.to(device), form=P.FLAT if self.flat_support else None))
+        flat = self.flat_support or self.cpl_index_storage[adapter_name] == "int32"
+        self._keep(adapter_name, P.pack(support.to(device), form=P.FLAT if flat else None))
         self.cpl_values[adapter_name] = nn.Parameter(values.to(device=device, dtype=old.dtype).reshape(-1))
         self.cpl_values[adapter_name].requires_grad_(old.requires_grad)
         if adapter_name in self.cpl_mastered_sign:
