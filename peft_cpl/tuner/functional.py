@@ -8,7 +8,7 @@ dense weight gradient exists only inside the layer's backward, where it is gathe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,28 +40,57 @@ def scatter_delta(
     return dense
 
 
+def effective_weight(
+    weight: torch.Tensor | Callable[[], torch.Tensor] | None,
+    supports: Sequence[PackedSupport],
+    values: Sequence[torch.Tensor],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(W + deltas) in the compute `dtype`: summed in fp32, where a half-precision or dequantized W is exact, then
+    rounded once, as mixed precision rounds its fp32 master weights. The trained values themselves stay exact.
+
+    `weight` is the base weight, a function returning it (dequantized: quantized bases), or None (deltas alone).
+    """
+    dense = weight() if callable(weight) else weight
+    if dense is None or dense.dtype == dtype == torch.float32:
+        return scatter_delta(supports, values, base=dense, dtype=dtype)
+    return scatter_delta(supports, values, base=dense, dtype=torch.float32).to(dtype)
+
+
 class _SparseDeltaLinear(torch.autograd.Function):
-    """y = x @ (W + sum of deltas)^T + b with gradients for x and the delta values only (W and b frozen)."""
+    """y = x @ (W + sum of deltas)^T + b with gradients for x and the delta values only (W and b frozen).
+
+    One GEMM forward and one for the input gradient, in every precision; a quantized W is dequantized (by
+    bitsandbytes) in the forward and again in the backward, never kept between them.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, supports, transposed, *values):
-        effective = scatter_delta(supports, values, base=weight, dtype=x.dtype)
+        effective = effective_weight(weight, supports, values, x.dtype)
         out = x @ effective if transposed else F.linear(x, effective)
         del effective
         if bias is not None:
             out = out + bias.to(out.dtype)
-        ctx.save_for_backward(x, weight, *values)
-        ctx.supports, ctx.transposed = supports, transposed
+        if callable(weight):
+            ctx.save_for_backward(x, *values)
+            ctx.weight = weight
+        else:
+            ctx.save_for_backward(x, weight, *values)
+        ctx.supports, ctx.transposed, ctx.callable_weight = supports, transposed, callable(weight)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, *values = ctx.saved_tensors
+        if ctx.callable_weight:
+            x, *values = ctx.saved_tensors
+            weight = ctx.weight
+        else:
+            x, weight, *values = ctx.saved_tensors
         grad_x = grad_bias = None
         # expanded once for both uses below, and freed with this layer's backward
         supports = [P.expanded(support, value.numel()) for support, value in zip(ctx.supports, values)]
         if ctx.needs_input_grad[0]:
-            effective = scatter_delta(supports, values, base=weight, dtype=grad_out.dtype)
+            effective = effective_weight(weight, supports, values, grad_out.dtype)
             grad_x = grad_out @ effective.T if ctx.transposed else grad_out @ effective
             del effective
         if ctx.needs_input_grad[2]:
@@ -117,13 +146,14 @@ def support_weight_grad(
 
 def sparse_delta_linear(
     x: torch.Tensor,
-    weight: torch.Tensor | None,
+    weight: torch.Tensor | Callable[[], torch.Tensor] | None,
     bias: torch.Tensor | None,
     supports: Sequence[PackedSupport],
     values: Sequence[torch.Tensor],
     transposed: bool = False,
 ) -> torch.Tensor:
-    """Linear layer with sparse deltas on its weight; `weight=None` gives the deltas' contribution alone.
+    """Linear layer with sparse deltas on its weight (a tensor, or a function that dequantizes it); `weight=None`
+    gives the deltas' contribution alone.
 
     `transposed=True` is the Conv1D layout, where the weight is stored (in_features, out_features).
     """

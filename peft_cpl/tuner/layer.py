@@ -269,15 +269,13 @@ class Linear(nn.Module, CPLLayer):
                 delta = SF.row_delta_linear(x, support.codes, delta_values, self.out_features, self.transposed)
                 result = result + delta.to(result.dtype)
             return result
+        # One GEMM in every precision: the delta is folded into the (dequantized) weight in the compute dtype.
         base = self.get_base_layer()
-        if self.quantization_backend is None and base.weight.dtype == torch.float32:
-            # Fold into one matmul with the effective weight: exact in fp32, one GEMM instead of two.
-            return SF.sparse_delta_linear(x, base.weight, base.bias, supports, values, self.transposed)
-        # Half-precision or quantized base: keep the base output and add the delta's own contribution, so small
-        # updates are not rounded away by W + delta in low precision.
-        result = self.base_layer(x, *args, **kwargs)
-        delta = SF.sparse_delta_linear(x, None, None, supports, values, self.transposed)
-        return result + delta.to(result.dtype)
+        weight = base.weight if self.quantization_backend is None else self._dequantized_base_weight
+        return SF.sparse_delta_linear(x, weight, base.bias, supports, values, self.transposed)
+
+    def _dequantized_base_weight(self) -> torch.Tensor:
+        return bnb.dequantized_weight(self.get_base_layer())
 
     def __repr__(self) -> str:
         return "cpl." + super().__repr__()
