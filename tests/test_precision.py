@@ -21,9 +21,9 @@ def layer_of(model, suffix: str = "layers.0.mlp.down_proj"):
     return next(layer for name, layer in cpl_layers(model).items() if name.endswith(suffix))
 
 
-def check_against_references(layer, dtype: torch.dtype, base_weight: torch.Tensor) -> None:
+def check_against_references(layer, dtype: torch.dtype, base_weight: torch.Tensor, device: str = "cpu") -> None:
     torch.manual_seed(1)
-    x = torch.randn(3, 5, layer.in_features, dtype=dtype, requires_grad=True)
+    x = torch.randn(3, 5, layer.in_features, dtype=dtype, device=device, requires_grad=True)
     values = layer.cpl_values["default"]
     out = layer(x)
     grad_out = torch.randn_like(out)

@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..tuner.atomic import atomic_path
+from ..tuner.fused import FusedStep, check_trainer_arguments
 from ..tuner.guard import CollaborativeGuard
 
 GUARD_STATE_FILE = "cpl_guard.safetensors"
@@ -56,7 +57,15 @@ class CollaborativeGuardCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is None:
             raise ValueError("CollaborativeGuardCallback needs the Trainer's optimizer at on_train_begin")
-        self._handle = self.guard.attach(optimizer)  # the torch optimizer's own step hooks
+        inner = optimizer
+        while hasattr(inner, "optimizer"):
+            inner = inner.optimizer
+        if isinstance(inner, FusedStep):  # it reverts inside backward itself, with its own guard
+            if inner.guard is not self.guard:
+                raise ValueError("the fused optimizer was built without this guard: FusedStep(..., guard=guard)")
+            check_trainer_arguments(args)
+        else:
+            self._handle = self.guard.attach(optimizer)  # the torch optimizer's own step hooks
         if state.global_step > 0:  # resumed: the Trainer restored state from checkpoint-<global_step>
             path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", GUARD_STATE_FILE)
             if os.path.isfile(path):

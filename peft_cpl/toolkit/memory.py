@@ -89,8 +89,8 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Memory of CPL training at `density` of every targeted weight.
 
-    `model_or_config` is a model with CPL adapters (its supports' real sizes are used), a plain model, or a
-    transformers config (built on the meta device, so any size costs nothing).
+    `model_or_config` is a model with CPL adapters (the real sizes of the supports it has are used, and `density`
+    for the rest), a plain model, or a transformers config (built on the meta device, so any size costs nothing).
     """
     if base not in BASE_STORAGES:
         raise ValueError(f"base must be one of {BASE_STORAGES}, got {base!r}")
@@ -110,14 +110,19 @@ def estimate_memory(
     state = _optimizer_bytes(sizes, value_bytes, optimizer, fused)
     index = sum(_index_bytes(layer, size, granularity) for layer, size in zip(layers, sizes))
     biggest_weight = max((math.prod(shape) for shape in shapes), default=0)
-    temporaries = biggest_weight * (compute + 4) + (((largest if fused else trained) * value_bytes) if guard else 0)
+    # one layer at a time: its effective weight (compute dtype) and dense weight gradient (fp32), its support
+    # expanded to int64 positions (compact forms) with the unpacked bits, and with the guard a copy of the values
+    expanded = 8 * max((size for size, layer in zip(sizes, layers) if not layer.flat_support), default=0)
+    temporaries = biggest_weight * (compute + 4 + 2) + expanded
+    temporaries += ((largest if fused else trained) * value_bytes) if guard else 0
+    signs = trained if guard or any(layer.cpl_mastered_sign for layer in layers) else 0  # selection leaves them
     return MemoryEstimate(
         base_weights=_base_bytes(model, base),
         trained_values=trained * value_bytes,
         gradients=gradients,
         optimizer_state=state,
         index=index,
-        guard=trained if guard else 0,
+        guard=signs,
         temporaries=temporaries,
         activations=_activation_bytes(model.config, batch_size, seq_len, compute, gradient_checkpointing),
         # g_I's accumulators, plus one module's g_M (brought back from the CPU), s, eligibility and scores
@@ -176,10 +181,15 @@ def _cpl_model(model_or_config: Any, target_modules: str | list[str]) -> nn.Modu
     return cpl_model_on_meta(config, target_modules)
 
 
+def _adapter(layer: nn.Module) -> str | None:
+    """The layer's adapter whose support exists (selected, loaded or data-free), if any."""
+    return next((name for name, ready in layer.cpl_ready.items() if ready), None)
+
+
 def _support_size(layer: nn.Module, density: float, granularity: str) -> int:
-    chosen = [values.numel() for values in layer.cpl_values.values() if values.numel()]
-    if chosen:
-        return chosen[0]
+    chosen = _adapter(layer)
+    if chosen is not None:
+        return layer.cpl_values[chosen].numel()  # the real size, 0 included
     rows, row_length = layer.delta_shape[layer.output_dim], layer.delta_shape[1 - layer.output_dim]
     if granularity == "row":
         return max(1, round(density * rows)) * row_length
@@ -188,12 +198,18 @@ def _support_size(layer: nn.Module, density: float, granularity: str) -> int:
 
 def _index_bytes(layer: nn.Module, size: int, granularity: str) -> int:
     """Bytes of the support in the form the layer keeps (packed.py), or would choose for `size` coordinates."""
-    chosen = [name for name, values in layer.cpl_values.items() if values.numel()]
-    form = layer.cpl_index_form[chosen[0]] if chosen else (P.ROWS if granularity == "row" else None)
+    chosen = _adapter(layer)
+    if chosen is not None:
+        form = layer.cpl_index_form[chosen]
+    elif granularity == "row":
+        form = P.ROWS
+    else:  # not chosen yet: the form the layer's storage setting will give
+        storages = list(layer.cpl_index_storage.values())
+        form = P.FLAT if layer.flat_support or (storages and storages[0] == "int32") else None
     numel = math.prod(layer.delta_shape)
     if form == P.ROWS:
         return 8 * size // layer.delta_shape[1 - layer.output_dim]
-    if layer.flat_support:
+    if form == P.FLAT:
         return size * _dtype_bytes(index_dtype(numel))
     return min(P.packed_bytes(size, numel).values())
 
@@ -208,6 +224,7 @@ def _value_bytes(layers: list[nn.Module]) -> int:
 def _optimizer_bytes(sizes: list[int], value_bytes: int, optimizer: str, fused: bool) -> int:
     if optimizer == "sgd":
         return 0
+    sizes = [size for size in sizes if size]  # an empty values tensor gets no gradient, so no state
     if optimizer == "adamw":
         return sum(2 * size * value_bytes + 4 for size in sizes)  # exp_avg, exp_avg_sq and a float32 step per tensor
     total, shared_qmaps = 0, False

@@ -5,8 +5,9 @@ per trained value at the peak of the backward pass. torch's `register_post_accum
 per tensor (the pattern of torch's "fuse the optimizer step into the backward pass" tutorial) removes that: at most
 one values tensor's gradient exists at a time. The guard's revert runs per tensor, right after that tensor's step.
 
-What cannot work, and is refused: gradient accumulation (a tensor would be stepped on every micro-batch) and
-clipping by the global gradient norm (no moment has all gradients at once).
+What cannot work, and is refused: gradient accumulation (a tensor would be stepped on every micro-batch), clipping
+by the global gradient norm (no moment has all gradients at once) and fp16 loss scaling (the hooks would step on
+scaled gradients, and an overflowing step could not be skipped).
 """
 
 from __future__ import annotations
@@ -46,12 +47,15 @@ class FusedStep(torch.optim.Optimizer):
         self.guard = guard
         self._guarded = {} if guard is None else guard.values_by_name()
         self._stepped_since_step: set[nn.Parameter] = set()
+        for param in params:  # a parameter is stepped by one fused optimizer: a new one takes over from the last
+            previous = getattr(param, "_cpl_fused_step", None)
+            if previous is not None and previous is not self:
+                previous.remove()
+            param._cpl_fused_step = self
         self._hooks = [param.register_post_accumulate_grad_hook(self._step_one) for param in params]
 
     @torch.no_grad()
     def _step_one(self, param: nn.Parameter) -> None:
-        if self.guard is not None and self.guard.refreshing:
-            return  # the guard's own backward passes over M: their gradients are read, not stepped on
         if param in self._stepped_since_step:
             raise RuntimeError(
                 "FusedStep stepped a tensor twice before optimizer.step(): gradient accumulation is not possible with "
@@ -75,7 +79,9 @@ class FusedStep(torch.optim.Optimizer):
             self.guard.end_step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Nothing to clear: each gradient was freed right after its tensor's step."""
+        """Each gradient was freed right after its tensor's step; clear any that other code left."""
+        for param in self.inner:
+            param.grad = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"per_parameter": [optimizer.state_dict() for optimizer in self.inner.values()]}
@@ -93,6 +99,9 @@ class FusedStep(torch.optim.Optimizer):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        for param in self.inner:
+            if getattr(param, "_cpl_fused_step", None) is self:
+                del param._cpl_fused_step
 
 
 def check_trainer_arguments(args: Any) -> None:
@@ -102,5 +111,7 @@ def check_trainer_arguments(args: Any) -> None:
         problems.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps} (use 1 and a larger batch)")
     if (getattr(args, "max_grad_norm", 0) or 0) > 0:
         problems.append(f"max_grad_norm={args.max_grad_norm} (set max_grad_norm=0: no global norm exists)")
+    if getattr(args, "fp16", False):
+        problems.append("fp16=True (its loss scaling needs every gradient before the step; use bf16=True)")
     if problems:
         raise ValueError("The fused step cannot run with " + " and ".join(problems) + ", or use fused=False.")

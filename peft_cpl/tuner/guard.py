@@ -62,7 +62,6 @@ class CollaborativeGuard:
                 "the guard (it guards the support's updates)."
             )
         self.steps = 0
-        self.refreshing = False  # True while refresh() runs its own backward passes (a fused step must not step)
         self._refreshed_at = 0  # step count at the last refresh: sign(g_M) from selection is fresh at step 0
         self._counts = torch.zeros(2, dtype=torch.int64)  # reverted, proposed coordinate updates (on the device)
         self._before: dict[str, torch.Tensor] | None = None
@@ -117,33 +116,34 @@ class CollaborativeGuard:
             self.refresh()
 
     def refresh(self) -> None:
-        """Recompute sign(g_M) on the support at the current weights: one forward+backward per mastered batch."""
+        """Recompute sign(g_M) on the support at the current weights: one forward+backward per mastered batch.
+
+        The gradients come from `torch.autograd.grad`, so no parameter's `.grad` is written: a training step's
+        gradients stay as they were, and no gradient hook (the fused step's) fires.
+        """
         self._refreshed_at = self.steps
-        values = {name: self._values(layer) for name, layer in self.layers.items()}
-        saved_grads = {name: v.grad for name, v in values.items()}
-        flags = {name: v.requires_grad for name, v in values.items()}
+        names = list(self.layers)
+        values = [self._values(self.layers[name]) for name in names]
+        flags = [value.requires_grad for value in values]
         was_training = self.model.training
-        device = next(iter(values.values())).device
+        device = values[0].device
+        sums = [torch.zeros_like(value) for value in values]
         self.model.eval()
-        self.refreshing = True
         try:
-            for value in values.values():
-                value.grad = None
+            for value in values:
                 value.requires_grad_(True)
             with torch.enable_grad():  # may be called from after_step, which runs under no_grad
                 for batch in self.mastered:
                     loss, _ = summed_example_loss(self.model, send_to_device(batch, device), self.loss_fn)
-                    loss.backward()
-            for name, layer in self.layers.items():
-                grad = values[name].grad
-                if grad is None:  # the mastered loss does not reach this layer
-                    grad = torch.zeros_like(values[name])
-                layer.set_mastered_sign(self.adapter_name, grad)
+                    grads = torch.autograd.grad(loss, values, allow_unused=True)  # None: M does not reach a layer
+                    for total, grad in zip(sums, grads):
+                        if grad is not None:
+                            total.add_(grad)
+            for name, total in zip(names, sums):
+                self.layers[name].set_mastered_sign(self.adapter_name, total)
         finally:
-            self.refreshing = False
-            for name, value in values.items():
-                value.grad = saved_grads[name]
-                value.requires_grad_(flags[name])
+            for value, flag in zip(values, flags):
+                value.requires_grad_(flag)
             self.model.train(was_training)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> GuardHandle:
@@ -156,6 +156,11 @@ class CollaborativeGuard:
             optimizer = optimizer.optimizer
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"the guard attaches to a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if hasattr(optimizer, "inner"):  # a FusedStep steps inside backward, before any step hook could run
+            raise ValueError(
+                "a fused optimizer steps inside backward: give it the guard instead of attaching it, "
+                "FusedStep(params, ..., guard=guard) or make_optimizer(..., fused=True, guard=guard)"
+            )
         before = optimizer.register_step_pre_hook(lambda *_: self.before_step())
         after = optimizer.register_step_post_hook(lambda *_: self.after_step())
         return GuardHandle(before, after)

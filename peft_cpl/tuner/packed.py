@@ -7,8 +7,9 @@ Whole-row supports keep their row ids only (ROWS). Element supports of linear la
   start (int32): 2 bytes and a little per trained value, for sparse supports (below ~6% density).
 Either is expanded to flat coordinates one layer at a time, once in that layer's forward and once in its backward,
 and freed there (`torch.nonzero` of the unpacked bits: on CPU far faster than `masked_scatter` / `masked_select`).
-Embeddings, and `CPLConfig(index_storage="int32")`, keep plain flat coordinates (FLAT): an embedding's delta is
-looked up per token, which needs the coordinates themselves.
+Element supports of embeddings, and all element supports with `CPLConfig(index_storage="int32")`, keep plain flat
+coordinates (FLAT, int32; int64 beyond 2^31 coordinates): an embedding's delta is looked up per token, which needs
+the coordinates themselves.
 """
 
 from __future__ import annotations
@@ -54,13 +55,13 @@ def pack(support: Support, form: str | None = None) -> PackedSupport:
     device, shape, numel = support.indices.device, support.shape, math.prod(support.shape)
     none = torch.zeros(0, dtype=torch.int32, device=device)
     if support.rows is not None:
-        return PackedSupport(ROWS, support.rows.to(torch.int64), none, shape, support.output_dim)
+        return PackedSupport(ROWS, support.rows.to(torch.int64, copy=True), none, shape, support.output_dim)
     indices = support.indices.to(torch.int64)
     if form is None:
         sizes = packed_bytes(indices.numel(), numel)
         form = BITMASK if sizes[BITMASK] <= sizes[BLOCKED] else BLOCKED
     if form == FLAT:
-        return PackedSupport(FLAT, indices.to(index_dtype(numel)), none, shape)
+        return PackedSupport(FLAT, indices.to(index_dtype(numel), copy=True), none, shape)
     if form == BITMASK:
         mask = torch.zeros(math.ceil(numel / 8) * 8, dtype=torch.bool, device=device)
         mask[indices] = True
