@@ -40,7 +40,7 @@ def encode(tokenizer, item: dict) -> Encoded:
     if item_kind(item) == "mcq":
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
         return Encoded(prompt_ids + [letter_token_ids(tokenizer)[LETTERS.index(item["label"])]], len(prompt_ids))
-    prefix = item.get("response_prefix") or ""
+    prefix = (item.get("response_prefix") or "").rstrip()  # "is " + "Paris" would split as "is", " ", "Paris"
     prompt_ids = tokenizer.encode(prompt + prefix, add_special_tokens=False)
     answer_ids = tokenizer.encode((" " if prefix and not prefix.endswith((" ", "+")) else "") + item["answer"].strip(),
                                   add_special_tokens=False)

@@ -45,6 +45,17 @@ RANKINGS = LibraryChoices("peft_cpl.tuner.selection", "RANKINGS")
 OPTIMIZERS = LibraryChoices("peft_cpl.toolkit.loop", "OPTIMIZERS")
 
 
+def _positive_int(value: str) -> int:
+    """An argparse type: a whole number of at least 1 (epochs, batch sizes, lengths)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def _guard_refresh(value: str) -> str | int:
     from ..tuner.guard import REFRESH_CHOICES
 
@@ -115,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="multiple choice only: mastered = right under all four option rotations, injection = "
                        "wrong under all four; the rest is left out (removes answer-letter bias)")
     split.add_argument("--save-predictions", metavar="FILE", help="also write {id: correct} as JSON (for eval)")
-    split.add_argument("--batch-size", type=int, default=16, help="items per forward pass")
+    split.add_argument("--batch-size", type=_positive_int, default=16, help="items per forward pass")
 
     select = command("select", "choose the collaborative support: a new, untrained CPL adapter",
                      "Reads the MASTERED and INJECTION items (JSONL) and the model; computes g_M and g_I and keeps "
@@ -136,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what --density keeps first")
     select.add_argument("--delta-dtype", choices=DELTA_DTYPES, metavar="DTYPE", default="float32",
                         help="dtype of the trained values")
-    select.add_argument("--batch-size", type=int, default=8, help="items per gradient pass")
+    select.add_argument("--batch-size", type=_positive_int, default=8, help="items per gradient pass")
     select.add_argument("--table", action="store_true", help="print the per-module selection table")
     select.add_argument("--plot", metavar="IMAGE", help="save a per-module bar chart (needs matplotlib)")
 
@@ -157,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "bytes per trained value)")
     train.add_argument("--lr", type=float, help="learning rate (default: 3e-4)")
     train.add_argument("--weight-decay", type=float, help="(default: 0)")
-    train.add_argument("--epochs", type=int, default=3, help="total number of epochs")
-    train.add_argument("--batch-size", type=int, help="items per step (default: 8)")
+    train.add_argument("--epochs", type=_positive_int, default=3, help="total number of epochs")
+    train.add_argument("--batch-size", type=_positive_int, help="items per step (default: 8)")
     train.add_argument("--seed", type=int, help="order of the batches (default: 0)")
     train.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                        help="step each values tensor inside backward and free its gradient (default: on; saves 4 "
@@ -179,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_.add_argument("--baseline", metavar="FILE", help="predictions before training, for learned / forgotten")
     eval_.add_argument("--save-predictions", metavar="FILE", help="write {id: correct} as JSON")
     eval_.add_argument("--overwrite", action="store_true", help="replace an existing --save-predictions file")
-    eval_.add_argument("--batch-size", type=int, default=16, help="items per forward pass")
+    eval_.add_argument("--batch-size", type=_positive_int, default=16, help="items per forward pass")
 
     merge = command("merge", "merge an adapter into its base and save the merged model",
                     "Reads the model and ADAPTER; writes OUTPUT, a Hugging Face model folder (save_pretrained) with "
@@ -213,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                           help="fused step (no gradient buffers; the default of `train`)")
     estimate.add_argument("--guard", action="store_true", help="with the guard")
-    estimate.add_argument("--batch-size", type=int, default=1)
-    estimate.add_argument("--seq-len", type=int, default=512)
+    estimate.add_argument("--batch-size", type=_positive_int, default=1)
+    estimate.add_argument("--seq-len", type=_positive_int, default=512)
     estimate.add_argument("--gradient-checkpointing", action="store_true")
     estimate.add_argument("--gpu-gib", type=float, help="GPU memory to fit in, GiB")
     return parser

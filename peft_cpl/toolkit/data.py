@@ -38,6 +38,8 @@ def item_kind(item: dict) -> str:
     """'mcq' or 'fact'; raises ValueError naming what is missing."""
     if "question" not in item or not isinstance(item["question"], str) or not item["question"].strip():
         raise ValueError("an item needs a non-empty string 'question'")
+    if "response_prefix" in item and not isinstance(item["response_prefix"], (str, type(None))):
+        raise ValueError(f"'response_prefix' must be a string, got {type(item['response_prefix']).__name__}")
     if "label" in item:
         if item["label"] not in LETTERS:
             raise ValueError(f"a multiple-choice 'label' must be one of {LETTERS}, got {item['label']!r}")
@@ -52,11 +54,11 @@ def read_items(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such question file: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may stand inside a string
+    try:  # utf-8-sig: a byte-order mark, as some editors write, is not part of the first line
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # not splitlines: U+2028 may stand in a string
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    items = []
+    items, lines_of_id = [], {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -69,6 +71,12 @@ def read_items(path: str | os.PathLike) -> list[dict]:
         except (json.JSONDecodeError, ValueError) as error:
             raise ValueError(f"{path}, line {number}: {error}") from None
         item.setdefault("id", f"{path.stem}-{number}")
+        if not isinstance(item["id"], str) or not item["id"]:
+            raise ValueError(f"{path}, line {number}: 'id' must be a non-empty string, got {item['id']!r}")
+        if item["id"] in lines_of_id:
+            raise ValueError(f"{path}, lines {lines_of_id[item['id']]} and {number}: both have the id {item['id']!r} "
+                             "(ids name items in predictions and baselines: make them unique)")
+        lines_of_id[item["id"]] = number
         items.append(item)
     if not items:
         raise ValueError(f"{path} holds no items")
