@@ -118,7 +118,7 @@ def test_cli_estimate_prints_the_breakdown_and_the_verdict(tmp_path, capsys):
 
 
 def test_estimates_follow_int32_storage_selection_signs_and_empty_supports():
-    from peft_cpl import Support, select_collaborative
+    from peft_cpl import Support, cpl_layers, select_collaborative
 
     from .conftest import CASES
     from .test_selection import batched, examples
@@ -132,7 +132,7 @@ def test_estimates_follow_int32_storage_selection_signs_and_empty_supports():
         if expected_index is not None:
             assert unselected.index == expected_index
         select_collaborative(model, mastered, injection, progress=False)  # leaves sign(g_M): 1 B per value
-        layer = next(iter(cpl_layers_of(model).values()))
+        layer = next(iter(cpl_layers(model).values()))
         layer.set_support("default", Support.empty(layer.delta_shape))  # one layer's support is empty
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -144,9 +144,3 @@ def test_estimates_follow_int32_storage_selection_signs_and_empty_supports():
         estimate = estimate_memory(model)
         for key in TRAIN_STATE:
             assert measured[key] == getattr(estimate, key), (storage, key)
-
-
-def cpl_layers_of(model):
-    from peft_cpl import cpl_layers
-
-    return cpl_layers(model)

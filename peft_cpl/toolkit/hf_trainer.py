@@ -17,7 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..tuner.atomic import atomic_path
 from ..tuner.fused import FusedStep, check_trainer_arguments
-from ..tuner.guard import CollaborativeGuard
+from ..tuner.guard import CollaborativeGuard, innermost_optimizer
 
 GUARD_STATE_FILE = "cpl_guard.safetensors"
 
@@ -57,9 +57,7 @@ class CollaborativeGuardCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is None:
             raise ValueError("CollaborativeGuardCallback needs the Trainer's optimizer at on_train_begin")
-        inner = optimizer
-        while hasattr(inner, "optimizer"):
-            inner = inner.optimizer
+        inner = innermost_optimizer(optimizer)
         if isinstance(inner, FusedStep):  # it reverts inside backward itself, with its own guard
             if inner.guard is not self.guard:
                 raise ValueError("the fused optimizer was built without this guard: FusedStep(..., guard=guard)")

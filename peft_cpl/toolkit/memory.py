@@ -210,7 +210,7 @@ def _index_bytes(layer: nn.Module, size: int, granularity: str) -> int:
     if form == P.ROWS:
         return 8 * size // layer.delta_shape[1 - layer.output_dim]
     if form == P.FLAT:
-        return size * _dtype_bytes(index_dtype(numel))
+        return size * index_dtype(numel).itemsize
     return min(P.packed_bytes(size, numel).values())
 
 
@@ -274,7 +274,3 @@ def _activation_bytes(config: Any, batch: int, seq: int, compute: int, checkpoin
     blocks = tokens * hidden * compute * layers + per_layer if checkpointing else per_layer * layers
     logits = tokens * config.vocab_size * (compute + 4 + 4)  # logits, their fp32 upcast for the loss, its gradient
     return blocks + logits
-
-
-def _dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()

@@ -17,11 +17,6 @@ from . import packed as P
 from .packed import PackedSupport
 
 
-def add_delta_(dense: torch.Tensor, support: PackedSupport, values: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """dense += alpha * delta, in place, on a weight-shaped tensor."""
-    return P.add_into(dense, support, values.to(dense.device), alpha)
-
-
 def scatter_delta(
     supports: Sequence[PackedSupport],
     values: Sequence[torch.Tensor],
@@ -36,7 +31,7 @@ def scatter_delta(
     else:
         dense = base.detach().to(dtype=dtype, copy=True)
     for support, delta in zip(supports, values):
-        add_delta_(dense, support, delta)
+        P.add_into(dense, support, delta)
     return dense
 
 

@@ -152,8 +152,7 @@ class CollaborativeGuard:
         Wrappers (accelerate's AcceleratedOptimizer, a Trainer's) are looked through to the torch optimizer that
         steps, so a step that a wrapper skips (gradient accumulation, an overflowing fp16 scaler) is not counted.
         """
-        while hasattr(optimizer, "optimizer"):
-            optimizer = optimizer.optimizer
+        optimizer = innermost_optimizer(optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"the guard attaches to a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if hasattr(optimizer, "inner"):  # a FusedStep steps inside backward, before any step hook could run
@@ -198,6 +197,13 @@ class CollaborativeGuard:
             layer.cpl_mastered_sign[self.adapter_name] = signs[name].to(layer._base_device(), torch.int8)
         self.steps, self._counts = state["steps"], state["counts"].clone()
         self._refreshed_at = state.get("refreshed_at", self.steps)
+
+
+def innermost_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that steps, under wrappers such as accelerate's AcceleratedOptimizer (`.optimizer`)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 class GuardHandle:

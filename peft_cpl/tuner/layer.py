@@ -124,7 +124,7 @@ class CPLLayer(BaseTunerLayer):
 
     def add_delta_into(self, dense: torch.Tensor, adapter_name: str, alpha: float = 1.0) -> torch.Tensor:
         """dense += alpha * this adapter's delta (dense shaped like the weight as stored)."""
-        return SF.add_delta_(dense, self.packed_support(adapter_name), self.cpl_values[adapter_name].detach(), alpha)
+        return P.add_into(dense, self.packed_support(adapter_name), self.cpl_values[adapter_name], alpha)
 
     def set_mastered_sign(self, adapter_name: str, mastered_gradient: torch.Tensor) -> None:
         """Keep sign(g_M) at the support coordinates (1 byte each): all the guard needs of g_M."""

@@ -23,7 +23,6 @@ from .support import Support, expand_rows, index_dtype
 
 FLAT, BITMASK, BLOCKED, ROWS = "flat", "bitmask", "blocked", "rows"
 BLOCK_BITS = 16
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 class PackedSupport(NamedTuple):
@@ -65,7 +64,7 @@ def pack(support: Support, form: str | None = None) -> PackedSupport:
     if form == BITMASK:
         mask = torch.zeros(math.ceil(numel / 8) * 8, dtype=torch.bool, device=device)
         mask[indices] = True
-        weights = (1 << _SHIFTS.to(device)).to(torch.int32)
+        weights = 1 << torch.arange(8, dtype=torch.int32, device=device)
         codes = (mask.view(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
         return PackedSupport(BITMASK, codes, none, shape)
     boundaries = torch.arange(0, math.ceil(numel / 2**BLOCK_BITS) + 1, device=device) << BLOCK_BITS
@@ -82,7 +81,7 @@ def to_support(packed: PackedSupport) -> Support:
 
 def mask(packed: PackedSupport) -> torch.Tensor:
     """Boolean mask over the flat weight (BITMASK form only)."""
-    bits = (packed.codes.unsqueeze(-1) >> _SHIFTS.to(packed.codes.device)) & 1
+    bits = (packed.codes.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.codes.device)) & 1
     return bits.view(-1)[: packed.numel].bool()
 
 
@@ -124,7 +123,7 @@ def size(packed: PackedSupport) -> int:
 def add_into(dense: torch.Tensor, packed: PackedSupport, values: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """dense += alpha * delta, in place on the flat view of a weight-shaped tensor."""
     where = positions(packed, values.numel())
-    dense.view(-1).index_add_(0, where, values.detach().to(dense.dtype), alpha=alpha)
+    dense.view(-1).index_add_(0, where, values.detach().to(dense.device, dense.dtype), alpha=alpha)
     return dense
 
 
