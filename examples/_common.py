@@ -24,11 +24,13 @@ def example_parser(description: str, *, questions: int, teach: int, output: str)
     return parser
 
 
-def model_and_facts(args: argparse.Namespace) -> tuple[Path, list[dict], float]:
+def model_and_facts(args: argparse.Namespace, write: bool = True) -> tuple[Path, list[dict], float]:
     """(model folder, facts to ask, learning rate): SmolLM2 and country capitals, or the tiny model and its facts.
-    Load the model with `peft_cpl.toolkit.models.load_model(folder)`."""
+    Load the model with `peft_cpl.toolkit.models.load_model(folder)`. `write=False`: the tiny model's folder, which
+    another process writes."""
     lr = args.lr or (1e-2 if args.tiny else 3e-4)
-    folder = save_tiny_model(args.output / "tiny-base") if args.tiny else model_path(None)
+    tiny = args.output / "tiny-base"
+    folder = (save_tiny_model(tiny) if write else tiny) if args.tiny else model_path(None)
     facts = tiny_facts() if args.tiny else country_facts(["capital"])[: args.questions]
     return folder, facts, lr
 

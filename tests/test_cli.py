@@ -91,7 +91,7 @@ def test_split_by_the_models_own_answers(ws):
     assert [item["id"] for item in mastered] == [item["id"] for item in FACTS if correct[item["id"]]]
     assert [item["id"] for item in injection] == [item["id"] for item in FACTS if not correct[item["id"]]]
     assert {item["id"] for item in KNOWN} <= {item["id"] for item in mastered} and len(injection) >= 4
-    assert json.loads((ws / "before.json").read_text()) == correct
+    assert json.loads((ws / "before.json").read_text())["correct"] == correct
 
 
 def test_debiased_split_on_multiple_choice(ws, tmp_path, capsys):
@@ -177,11 +177,11 @@ def test_eval_counts_learned_and_forgotten_against_a_baseline(ws, capsys):
     assert code == 0
     base, tokenizer = load_base(ws)
     after = predict(PeftModel.from_pretrained(base, ws / "trained"), tokenizer, FACTS)
-    before = json.loads((ws / "before.json").read_text())
+    before = json.loads((ws / "before.json").read_text())["correct"]
     mastered, injection = [i for i in FACTS if before[i["id"]]], [i for i in FACTS if not before[i["id"]]]
     outcome = injection_outcome(after, mastered, injection)
     assert f"accuracy: {sum(after.values())}/{len(FACTS)}" in out and str(outcome) in out
-    assert json.loads((ws / "after.json").read_text()) == after
+    assert json.loads((ws / "after.json").read_text())["correct"] == after
     code, _, err = run(capsys, "eval", ws / "questions.jsonl", "--model", ws / "model", "--save-predictions",
                        ws / "after.json")
     assert code == 2 and "--overwrite" in err

@@ -92,6 +92,7 @@ def test_country_facts_are_generated_offline():
 
     facts = country_facts(["capital", "currency"])
     assert len(facts) > 400
+    assert len({item["id"] for item in facts}) == len(facts)  # countryinfo lists Burma and Myanmar apart, and more
     france = {item["id"]: item for item in facts}["capital:FRA"]
     assert france["answer"] == "Paris" and france["response_prefix"] == "The capital of France is"
     with pytest.raises(ValueError, match="unknown relations"):

@@ -33,7 +33,7 @@ def example(monkeypatch):
 
 
 def test_every_example_is_tested():
-    tested = {"quickstart", "knowledge_injection_trainer", "trl_sft", "quantized_8bit"}
+    tested = {"quickstart", "knowledge_injection_trainer", "trl_sft", "quantized_8bit", "multi_process"}
     assert {path.stem for path in EXAMPLES.glob("*.py") if not path.stem.startswith("_")} == tested
 
 
@@ -80,3 +80,27 @@ def test_quantized_8bit(example, tmp_path):
     agree = sum(result["float"][key] == result["unmerged"][key] for key in result["unmerged"])
     assert agree >= len(result["unmerged"]) - 1  # lossless up to the int8 kernels' activation rounding
     assert not hasattr(result["float_model"].config, "quantization_config")
+
+
+def test_multi_process_under_accelerate_launch(tmp_path):
+    """Two CPU processes: the same support on both, a plain accelerate loop and the Trainer, written by one."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from .test_distributed import free_port
+
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", str(free_port()), str(EXAMPLES / "multi_process.py"), "--tiny", "--epochs", "2",
+         "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, cwd=EXAMPLES, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    assert "(the same support on all 2 processes)" in launched.stdout
+    for name in ("loop", "trainer"):
+        assert launched.stdout.count(f"{name}: adapter saved to") == 1  # by the main process only
+        assert (tmp_path / f"adapter-{name}" / "adapter_model.safetensors").is_file()
+        learned = re.search(rf"{name}: learned (\d+)/", launched.stdout)
+        assert learned and int(learned.group(1)) > 0, launched.stdout

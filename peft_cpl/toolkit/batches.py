@@ -34,9 +34,18 @@ def letter_token_ids(tokenizer) -> list[int]:
     return [token[0] for token in ids]
 
 
+def prompt_text(tokenizer, question: str) -> str:
+    """The chat template of the question with the generation prompt added: what the model answers."""
+    messages = [{"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    return tokenizer.encode(prompt_text(tokenizer, question), add_special_tokens=False)
+
+
 def encode(tokenizer, item: dict) -> Encoded:
-    messages = [{"role": "user", "content": item["question"]}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = prompt_text(tokenizer, item["question"])
     if item_kind(item) == "mcq":
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
         return Encoded(prompt_ids + [letter_token_ids(tokenizer)[LETTERS.index(item["label"])]], len(prompt_ids))
@@ -45,6 +54,50 @@ def encode(tokenizer, item: dict) -> Encoded:
     answer_ids = tokenizer.encode((" " if prefix and not prefix.endswith((" ", "+")) else "") + item["answer"].strip(),
                                   add_special_tokens=False)
     return Encoded(prompt_ids + answer_ids, len(prompt_ids))
+
+
+def check_context(
+    tokenizer, items: Sequence[dict], context: int | None, new_tokens: int = 0, source: str = "",
+    truncate: bool = False,
+) -> list[dict]:
+    """The items, refusing (before any model work) one whose tokens, plus `new_tokens` to generate, exceed the
+    model's context of `context` tokens (None: no limit known); the item is named. With `truncate`, such a question
+    loses its beginning instead (the end, where the question is asked, is kept); only when the user asks."""
+    if not context:
+        return list(items)
+    overhead = len(prompt_ids(tokenizer, "")) + new_tokens + 2
+    kept = []
+    for item in items:
+        text = item["question"] + (item.get("answer") or "") + (item.get("response_prefix") or "")
+        if 2 * len(text.encode("utf-8")) + overhead < context:
+            kept.append(item)  # tokens are at most bytes (plus a word marker): too short to overflow
+            continue
+        length = len(encode(tokenizer, item).input_ids) + new_tokens
+        if length > context and truncate:
+            item, length = _truncated(tokenizer, item, context, new_tokens)
+        if length > context:
+            where = f" in {source}" if source else ""
+            reply = " with the reply" if new_tokens else ""
+            raise ValueError(f"item {item['id']!r}{where} is {length} tokens long{reply}, over the model's context "
+                             f"of {context}: shorten it or leave it out" + ("" if truncate else " (or pass --truncate "
+                             "to cut the start of long questions)"))
+        kept.append(item)
+    return kept
+
+
+def _truncated(tokenizer, item: dict, context: int, new_tokens: int) -> tuple[dict, int]:
+    """The item with the shortest cut from the start of its question that fits (binary search on characters)."""
+    question, low, high = item["question"], 0, len(item["question"])
+    best = None
+    while low <= high:
+        cut = (low + high) // 2
+        candidate = {**item, "question": question[cut:]}
+        length = len(encode(tokenizer, candidate).input_ids) + new_tokens if candidate["question"].strip() else None
+        if length is not None and length <= context:
+            best, high = (candidate, length), cut - 1
+        else:
+            low = cut + 1
+    return best if best else (item, len(encode(tokenizer, item).input_ids) + new_tokens)
 
 
 def collate(encoded: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

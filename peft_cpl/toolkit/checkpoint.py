@@ -47,9 +47,14 @@ def read_state(folder: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not JSON ({error})") from None
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is damaged: not JSON ({error}); train again with --overwrite") from None
+    missing = [key for key in ("epoch", "epochs", *SETTINGS) if key not in SAVED_BEFORE and key not in state] if (
+        isinstance(state, dict)) else ["all"]
+    if missing:
+        raise ValueError(f"{path} is damaged: it lacks {', '.join(missing)}; train again with --overwrite")
+    return state
 
 
 def run_settings(given: dict, saved: dict | None) -> dict:
@@ -64,6 +69,23 @@ def run_settings(given: dict, saved: dict | None) -> dict:
     return dict(saved)
 
 
+def input_hashes(settings: dict, saved: dict | None) -> dict:
+    """{"<input>_sha256": content hash} of the run's item files, refusing a resumed run whose files changed since its
+    checkpoint (the same ids in an edited file would silently continue another run)."""
+    from .predictions import file_sha256
+
+    hashes = {}
+    for key in ("injection", "mastered") if settings.get("guard") else ("injection",):
+        if not settings.get(key):
+            continue
+        digest = file_sha256(settings[key])
+        if saved is not None and saved.get(f"{key}_sha256") not in (None, digest):
+            raise ValueError(f"--resume: {settings[key]} has changed since the checkpoint was written (its content "
+                             "hash differs): resume with the same items, or start over with --overwrite")
+        hashes[f"{key}_sha256"] = digest
+    return hashes
+
+
 def save(folder: str | os.PathLike, *, model, optimizer, guard, state: dict) -> None:
     """Write the adapter and the checkpoint (optimizer, guard, `state`) to `folder`, replacing it atomically."""
     import torch
@@ -75,7 +97,11 @@ def save(folder: str | os.PathLike, *, model, optimizer, guard, state: dict) -> 
         model.save_pretrained(staging, save_embedding_layers=False)
         checkpoint = staging / CHECKPOINT_DIR
         checkpoint.mkdir()
-        torch.save(optimizer.state_dict(), checkpoint / OPTIMIZER_FILE)
+        try:
+            torch.save(optimizer.state_dict(), checkpoint / OPTIMIZER_FILE)
+        except RuntimeError as error:  # torch reports a short write as "unexpected pos ..."
+            raise OSError(f"could not write {checkpoint / OPTIMIZER_FILE} ({str(error).splitlines()[0]}): is the "
+                          "disk full?") from None
         if guard is not None:
             save_guard_state(guard, checkpoint / GUARD_STATE_FILE)
         write_text(checkpoint / STATE_FILE, json.dumps(state, indent=1))
@@ -83,11 +109,23 @@ def save(folder: str | os.PathLike, *, model, optimizer, guard, state: dict) -> 
 
 def restore(folder: str | os.PathLike, *, optimizer, guard) -> None:
     """Load the optimizer's (and the guard's) state saved by `save`; the adapter is loaded from `folder` itself."""
+    import pickle
+
     import torch
+    from safetensors import SafetensorError
 
     from .hf_trainer import GUARD_STATE_FILE, load_guard_state
 
     checkpoint = Path(folder) / CHECKPOINT_DIR
-    optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True))
+    try:
+        state = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # a truncated or damaged file
+        raise ValueError(f"{checkpoint / OPTIMIZER_FILE} is damaged ({str(error).splitlines()[0]}); train again "
+                         "with --overwrite") from None
+    optimizer.load_state_dict(state)
     if guard is not None:
-        load_guard_state(guard, checkpoint / GUARD_STATE_FILE)
+        try:
+            load_guard_state(guard, checkpoint / GUARD_STATE_FILE)
+        except SafetensorError as error:
+            raise ValueError(f"{checkpoint / GUARD_STATE_FILE} is damaged ({error}); train again with --overwrite"
+                             ) from None

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import signal
 import sys
 import textwrap
 import warnings
 from collections.abc import Sequence
 
 # Only light modules here: the arguments are parsed (and --help printed) before torch or peft is imported.
-from .data import ITEM_FORMATS
+from .data import ITEM_FORMATS, MATCHES
 from .models import DEFAULT_MODEL
 
 
@@ -96,6 +97,25 @@ def _add_output(parser: argparse.ArgumentParser, what: str, replaced: str = "the
                         help=f"replace an existing output; the old one stays intact until {replaced}")
 
 
+def _add_items(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("items", help="items: a JSONL, JSON, CSV or Parquet file, or a datasets folder")
+    parser.add_argument("--question-field", metavar="COLUMN",
+                        help="the column holding the question (default: question)")
+    parser.add_argument("--answer-field", metavar="COLUMN", help="the column holding the answer (default: answer)")
+
+
+def _add_judge(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--match", choices=MATCHES, default="auto",
+                        help="how a fact counts as answered: prefix = greedy decoding after the prompt (and the "
+                        "response_prefix) starts with the answer (one forward pass); generate = the answer (or an "
+                        "alias in 'answers') appears in the generated reply, normalised; auto = prefix for facts "
+                        "with a response_prefix, generate for the others")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=16,
+                        help="longest generated reply (--match generate/auto)")
+    parser.add_argument("--truncate", action="store_true",
+                        help="cut the start of questions longer than the model's context (default: refuse them)")
+
+
 def _add_debug(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument("--debug", action="store_true", default=default,
                         help="on any error, show the traceback (for reporting a bug)")
@@ -115,12 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     split = command("split", "split items by whether the model answers them",
-                    "Reads ITEMS (JSONL) and the model; writes OUTPUT/mastered.jsonl (answered correctly) and "
+                    "Reads ITEMS and the model; writes OUTPUT/mastered.jsonl (answered correctly) and "
                     "OUTPUT/injection.jsonl (answered wrongly), and with --save-predictions a JSON file "
-                    "{id: correct}. Facts count as correct when greedy decoding reproduces the answer; multiple "
-                    "choice by the argmax over the letters A-D.")
-    split.add_argument("items", help="items JSONL")
+                    "{id: correct} (with the replies and a fingerprint of each item). Facts are judged as --match "
+                    "says; multiple choice by the argmax over the letters A-D. It warns when the model knows under "
+                    "2% or over 98% of the items, and shows its replies to a few wrongly answered facts.")
+    _add_items(split)
     _add_model(split)
+    _add_judge(split)
+    split.add_argument("--show", type=int, default=3, metavar="N",
+                       help="print the model's replies to N wrongly answered facts (0: none)")
     _add_output(split, "mastered.jsonl and injection.jsonl")
     split.add_argument("--debiased", action="store_true",
                        help="multiple choice only: mastered = right under all four option rotations, injection = "
@@ -180,17 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recompute sign(g_M): never, epoch (default) or every N steps")
 
     eval_ = command("eval", "accuracy of the model (with an adapter) on items",
-                    "Reads ITEMS (JSONL), the model and optionally ADAPTER; prints the accuracy. With "
+                    "Reads ITEMS, the model and optionally ADAPTER; prints the accuracy. With "
                     "--baseline (a {id: correct} file from split/eval --save-predictions, taken before training) "
                     "it also prints learned (baseline-wrong items now right) and forgotten (baseline-right "
                     "items now wrong). --save-predictions writes {id: correct} as JSON.")
-    eval_.add_argument("items", help="items JSONL")
+    _add_items(eval_)
     _add_model(eval_)
+    _add_judge(eval_)
     eval_.add_argument("--adapter", help="CPL (or other PEFT) adapter folder to apply")
     eval_.add_argument("--baseline", metavar="FILE", help="predictions before training, for learned / forgotten")
     eval_.add_argument("--save-predictions", metavar="FILE", help="write {id: correct} as JSON")
     eval_.add_argument("--overwrite", action="store_true", help="replace an existing --save-predictions file")
     eval_.add_argument("--batch-size", type=_positive_int, default=16, help="items per forward pass")
+
+    from .cli_run import add_run_command  # the one-command pipeline's options (split -> ... -> report)
+
+    add_run_command(command, _add_items, _add_model, _add_judge)
 
     merge = command("merge", "merge an adapter into its base and save the merged model",
                     "Reads the model and ADAPTER; writes OUTPUT, a Hugging Face model folder (save_pretrained) with "
@@ -239,12 +268,29 @@ def _file_error(error: OSError) -> str:
     return f"{names}: {error.strerror}"
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that every staged output is cleaned up on the way out."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for the reports that record it
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # not ours
+    from safetensors import SafetensorError
+    from transformers.utils import logging as transformers_logging
+
     from . import commands  # torch, peft and the library: only now that the arguments are known
     from .cli_files import CLIError
 
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars: the commands show their own progress
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         getattr(commands, f"cmd_{args.command}")(args)
     except (CLIError, ValueError) as error:  # the user's input: CLIError, and the library's checks (ValueError)
@@ -252,16 +298,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # the environment: a file that cannot be found, read or written
+    except (OSError, SafetensorError) as error:  # the environment: a file that cannot be found, read or written
         if args.debug:
             raise
-        print(f"error: {_file_error(error)}", file=sys.stderr)
+        print(f"error: {_file_error(error) if isinstance(error, OSError) else error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
         if args.debug:
             raise
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated", file=sys.stderr)
+        return 130 if isinstance(stop, KeyboardInterrupt) else 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0  # anything else is a bug: its traceback shows
 
 

@@ -1,4 +1,4 @@
-"""The CLI's side of the user's files: CLIError, the predictions files it reads, and outputs written whole.
+"""The CLI's side of the user's files: CLIError, outputs checked to be writable before any compute, and written whole.
 
 Nothing is written half-way: an output folder is built in a temporary folder next to its target and renamed into
 place, a file is written beside its target and renamed, and an existing output is only replaced with --overwrite.
@@ -6,7 +6,6 @@ place, a file is written beside its target and renamed, and an existing output i
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,18 +16,21 @@ class CLIError(Exception):
     """A mistake in what the user asked for: printed as `error: ...`, exit status 2."""
 
 
-def read_predictions(path: str | os.PathLike) -> dict[str, bool]:
-    """{item id: correct}, as `--save-predictions` writes it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"no such predictions file: {path}")
+def check_writable(path: Path) -> None:
+    """Refuse, before any compute, an output that cannot be created: checked by writing a scratch file in the
+    nearest existing folder above it (file permissions alone do not tell, e.g. for root or a read-only mount)."""
+    import tempfile
+
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"cannot write {path}: {parent} is a file, not a folder")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise CLIError(f"{path}: not JSON ({error})") from None
-    if not isinstance(data, dict) or not all(isinstance(value, bool) for value in data.values()):
-        raise CLIError(f"{path}: expected {{item id: true/false}}, as written by --save-predictions")
-    return data
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise CLIError(f"cannot write {path}: {parent} is not writable ({error.strerror or error})") from None
 
 
 def check_output(path: Path, overwrite: bool) -> None:
@@ -37,11 +39,14 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise CLIError(f"{path} already exists; pass --overwrite to replace it")
     if path.exists() and not path.is_dir():
         raise CLIError(f"{path} exists and is not a folder")
+    check_writable(path)
 
 
 def check_file(path: str | os.PathLike | None, overwrite: bool) -> None:
     if path and Path(path).exists() and not overwrite:
         raise CLIError(f"{path} already exists; pass --overwrite to replace it")
+    if path:
+        check_writable(Path(path))
 
 
 @contextmanager
@@ -52,9 +57,3 @@ def staged_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
     check_output(target, overwrite)
     with atomic.staged_dir(target) as staging:
         yield staging
-
-
-def write_json(path: str | os.PathLike, data: object) -> None:
-    from ..tuner import atomic
-
-    atomic.write_text(path, json.dumps(data, indent=1))

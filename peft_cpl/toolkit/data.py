@@ -1,11 +1,12 @@
-"""Items: questions with their answers. Reading and writing them as JSONL, and a free-form fact set generated from
-the `countryinfo` package.
+"""Items: questions with their answers. Reading them (from the files and datasets readers.py opens), writing them as
+JSONL, and a free-form fact set generated from the `countryinfo` package.
 
 Two kinds of item, told apart by their keys:
 - multiple choice: {"id", "question", "label"} with label in A-D (the question text lists the options), as in the
   paper's banks (shared/data/mcq);
 - free-form fact: {"id", "question", "answer"} and optionally "response_prefix", the start of the assistant's reply
-  that the answer completes (e.g. "The capital of France is" + " Paris"), matching how chat models answer.
+  that the answer completes (e.g. "The capital of France is" + " Paris"), matching how chat models answer, and
+  optionally "answers", other right answers (aliases) for the generation judge (evaluation.py).
 
 A file may also hold the chat, prompt/completion and plain-text lines that training data usually comes in
 (ITEM_FORMATS); `read_items` turns each into a free-form fact (`to_item`), so the CLI and user code read the same
@@ -22,15 +23,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 LETTERS = ("A", "B", "C", "D")
+MATCHES = ("auto", "prefix", "generate")  # how a fact is judged (judge.py); here for the CLI's help, without torch
 
 ITEM_FORMATS = """\
-Item files are JSONL, one item (a question with its answer) per line, in any of these forms:
+Item files are JSONL, JSON, CSV or Parquet files, or folders saved by datasets' save_to_disk; one item (a question
+with its answer) per line or row, in any of these forms (--question-field / --answer-field rename columns):
   {"question": ..., "label": "A"-"D"}                multiple choice (the question lists options "A: ...")
-  {"question": ..., "answer": ..., "response_prefix": ...}   free-form fact (prefix optional)
+  {"question": ..., "answer": ..., "response_prefix": ..., "answers": [...]}   free-form fact (prefix, aliases
+                                                     optional; without a prefix it is judged on generated replies)
   {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}   fact: last user message -> final reply
   {"prompt": ..., "completion": ...}                  fact (strings, or lists of chat messages)
   {"text": "The capital of Foo is Bar"}               fact: the text before its last word -> the last word
-An optional "id" names an item (default: <file stem>-<line>). The loss is on the answer tokens only.
+An optional "id" names an item (default: <file stem>-<line or row>). The loss is on the answer tokens only.
 """
 
 
@@ -40,47 +44,63 @@ def item_kind(item: dict) -> str:
         raise ValueError("an item needs a non-empty string 'question'")
     if "response_prefix" in item and not isinstance(item["response_prefix"], (str, type(None))):
         raise ValueError(f"'response_prefix' must be a string, got {type(item['response_prefix']).__name__}")
+    answers = item.get("answers")
+    if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
+        raise ValueError(f"'answers' (other right answers) must be a list of strings, got {answers!r}"[:200])
     if "label" in item:
         if item["label"] not in LETTERS:
             raise ValueError(f"a multiple-choice 'label' must be one of {LETTERS}, got {item['label']!r}")
         return "mcq"
     if isinstance(item.get("answer"), str) and item["answer"].strip():
         return "fact"
+    if "answer" in item and not isinstance(item["answer"], str):
+        raise ValueError(f"'answer' must be a string, got {type(item['answer']).__name__} {item['answer']!r}"[:200])
     raise ValueError("an item needs either 'label' (multiple choice, A-D) or a non-empty string 'answer' (fact)")
 
 
-def read_items(path: str | os.PathLike) -> list[dict]:
-    """The items of a JSONL file (any form in ITEM_FORMATS), each validated; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such question file: {path}")
-    try:  # utf-8-sig: a byte-order mark, as some editors write, is not part of the first line
-        lines = path.read_text(encoding="utf-8-sig").split("\n")  # not splitlines: U+2028 may stand in a string
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    items, lines_of_id = [], {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+def read_items(
+    source: str | os.PathLike | object, *, question_field: str | None = None, answer_field: str | None = None
+) -> list[dict]:
+    """The items of a JSONL, JSON, CSV or Parquet file, a `datasets` folder or a `datasets.Dataset` (any form in
+    ITEM_FORMATS, read by readers.py with the `datasets` library), each validated; errors name the file and row.
+
+    `question_field` / `answer_field` name the columns that hold the question and the answer when they are not
+    called "question" and "answer".
+    """
+    from .readers import read_records, source_stem
+
+    items, place_of_id = [], {}
+    stem = source_stem(source)
+    fields = {"question": question_field, "answer": answer_field}
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "the dataset"
+    for place, number, record in read_records(source, fields):
         try:
-            line_object = json.loads(line)
-            if not isinstance(line_object, dict):
-                raise ValueError("each line must be a JSON object")
-            item = to_item(line_object)
+            item = to_item(record)
             item_kind(item)
-        except (json.JSONDecodeError, ValueError) as error:
-            raise ValueError(f"{path}, line {number}: {error}") from None
-        item.setdefault("id", f"{path.stem}-{number}")
+        except ValueError as error:
+            hint = _field_hint(record, fields) if "expected 'question'" in str(error) else ""
+            raise ValueError(f"{place}: {error}{hint}") from None
+        item.setdefault("id", f"{stem}-{number}")
         if not isinstance(item["id"], str) or not item["id"]:
-            raise ValueError(f"{path}, line {number}: 'id' must be a non-empty string, got {item['id']!r}")
-        if item["id"] in lines_of_id:
-            raise ValueError(f"{path}, lines {lines_of_id[item['id']]} and {number}: both have the id {item['id']!r} "
+            raise ValueError(f"{place}: 'id' must be a non-empty string, got {item['id']!r} (quote it, or leave ids "
+                             f"out to get <file name>-<row>)")
+        if item["id"] in place_of_id:
+            kind, first = place_of_id[item["id"]].rpartition(", ")[2].split()
+            raise ValueError(f"{name}, {kind}s {first} and {number}: both have the id {item['id']!r} "
                              "(ids name items in predictions and baselines: make them unique)")
-        lines_of_id[item["id"]] = number
+        place_of_id[item["id"]] = place
         items.append(item)
     if not items:
-        raise ValueError(f"{path} holds no items")
+        raise ValueError(f"{name} holds no items")
     return items
+
+
+def _field_hint(record: dict, fields: dict[str, str | None]) -> str:
+    """For a record that is no item: its columns, and the flags that map them."""
+    columns = ", ".join(map(repr, record)) or "none"
+    if any(fields.values()):
+        return f" (its non-empty columns: {columns})"
+    return f" (its columns: {columns}; name the question and answer columns with --question-field / --answer-field)"
 
 
 def write_items(path: str | os.PathLike, items: Iterable[dict]) -> Path:
@@ -164,16 +184,20 @@ def country_facts(relations: Sequence[str] = ("capital",)) -> list[dict]:
     unknown = set(relations) - set(FACT_RELATIONS)
     if unknown:
         raise ValueError(f"unknown relations {sorted(unknown)}; choose from {sorted(FACT_RELATIONS)}")
-    items = []
+    items, seen = [], set()
     for country in sorted(countryinfo.all_countries(), key=lambda c: c.name()):
         info, name = country.info(), country.name()
+        code = (info.get("ISO") or {}).get("alpha3")
+        if not code or code in seen:  # countryinfo lists some countries twice (Burma, Myanmar) or without a code
+            continue
+        seen.add(code)
         for relation in relations:
             question, prefix, getter = FACT_RELATIONS[relation]
             answer = getter(info)
             if isinstance(answer, str) and answer.strip():
                 items.append(
                     {
-                        "id": f"{relation}:{info['ISO']['alpha3']}",
+                        "id": f"{relation}:{code}",
                         "question": question.format(c=name),
                         "answer": answer.strip(),
                         "response_prefix": prefix.format(c=name),

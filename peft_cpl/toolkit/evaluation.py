@@ -3,9 +3,14 @@
 Prompts are the model's chat template of the question with the generation prompt added.
 - Multiple choice: the target is the answer letter's token right after the prompt; the prediction is the argmax of
   the logits of the tokens "A", "B", "C", "D" at that position (the paper's protocol).
-- Free-form fact: the target is the answer's tokens after the prompt and the optional response prefix; an item is
-  correct when every answer token is the argmax given the gold tokens before it (teacher-forced greedy match). That is
-  exactly "greedy decoding after the prefix starts with the gold answer", checked in one forward pass per batch.
+- Free-form fact, `match="prefix"`: the target is the answer's tokens after the prompt and the optional response
+  prefix; an item is correct when every answer token is the argmax given the gold tokens before it (teacher-forced
+  greedy match). That is exactly "greedy decoding after the prefix starts with the gold answer", checked in one
+  forward pass per batch.
+- Free-form fact, `match="generate"`: the model generates its reply and the answer (or an alias) must appear in it
+  (judge.py). `match="auto"`, the default, judges facts with a `response_prefix` by the prefix rule and the others
+  by generation: a fact without a prefix is how a user writes it, and a chat model does not answer with the bare
+  answer first ("The capital of France is Paris."), so the prefix rule would count it unknown.
 Training uses the same encoding (batches.py), with the loss on the target tokens only.
 """
 
@@ -19,16 +24,38 @@ from torch import nn
 
 from .batches import encode, letter_token_ids, pad_token_id
 from .data import LETTERS, item_kind
+from .judge import MAX_NEW_TOKENS, answer_in_reply, generate_replies, uses_generation
+
+
+def predict(
+    model: nn.Module, tokenizer, items: Sequence[dict], batch_size: int = 16, *, match: str = "auto",
+    max_new_tokens: int = MAX_NEW_TOKENS, replies: dict[str, str] | None = None, progress: bool = False,
+) -> dict[str, bool]:
+    """{item id: answered correctly} under the protocol above (eval mode), in the order of `items`.
+
+    `match` is "auto", "prefix" or "generate" (facts only; multiple choice is always judged by the letters);
+    `replies`, when given, receives the generated reply of every item judged by generation.
+    """
+    generated = [item for item in items if item_kind(item) == "fact" and uses_generation(item, match)]
+    taken = {item["id"] for item in generated}
+    forced = _teacher_forced(model, tokenizer, [item for item in items if item["id"] not in taken], batch_size)
+    said = generate_replies(model, tokenizer, generated, batch_size, max_new_tokens, progress) if generated else {}
+    if replies is not None:
+        replies.update(said)
+    by_generation = {item["id"]: answer_in_reply(said[item["id"]], item) for item in generated}
+    return {item["id"]: by_generation[item["id"]] if item["id"] in taken else forced[item["id"]] for item in items}
 
 
 @torch.no_grad()
-def predict(model: nn.Module, tokenizer, items: Sequence[dict], batch_size: int = 16) -> dict[str, bool]:
-    """{item id: answered correctly} under the protocol above (one forward pass per batch, eval mode).
+def _teacher_forced(model: nn.Module, tokenizer, items: Sequence[dict], batch_size: int) -> dict[str, bool]:
+    """The letter rule and the prefix rule: one forward pass per batch.
 
     Batches are left-padded (with matching position ids) so that every target sits at the end of its row and only the
     last few positions' logits are computed (`logits_to_keep`): a vocabulary-sized projection of every token would
     dominate the cost otherwise.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -48,6 +48,7 @@ class CollaborativeGuardCallback(TrainerCallback):
 
     Saves the guard's sign(g_M) and counters as `cpl_guard.safetensors` in each checkpoint folder and restores them
     when training resumes from a checkpoint under `args.output_dir` (`trainer.train(resume_from_checkpoint=...)`).
+    With several processes (DDP) every rank builds its guard and callback, and the main process writes the state.
     """
 
     def __init__(self, guard: CollaborativeGuard) -> None:
@@ -97,6 +98,6 @@ class CollaborativeGuardCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(folder):
+        if state.is_world_process_zero and os.path.isdir(folder):  # every rank holds the same state (DDP)
             save_guard_state(self.guard, os.path.join(folder, GUARD_STATE_FILE))
         return control

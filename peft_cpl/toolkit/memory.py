@@ -10,7 +10,7 @@ logits and their fp32 loss, or one layer's worth plus each layer's input under g
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -274,3 +274,35 @@ def _activation_bytes(config: Any, batch: int, seq: int, compute: int, checkpoin
     blocks = tokens * hidden * compute * layers + per_layer if checkpointing else per_layer * layers
     logits = tokens * config.vocab_size * (compute + 4 + 4)  # logits, their fp32 upcast for the loss, its gradient
     return blocks + logits
+
+
+SHARDINGS = ("ddp", "fsdp2")
+
+
+def per_rank(estimate: MemoryEstimate, processes: int, sharding: str = "ddp", *, units: int = 1,
+             fused: bool = False) -> MemoryEstimate:
+    """The memory of one of `processes` ranks, from one process's `estimate` (README, "More than one process").
+
+    "ddp": each rank holds what one process holds, plus DDP's gradient buckets, a second fp32 copy of the trained
+    values' gradients (none with `fused`: the fused step all-reduces each gradient itself, without DDP).
+    "fsdp2": `fully_shard` splits base weights, values, gradients and optimizer state over the ranks; the support
+    indices and sign(g_M) are buffers, kept whole on every rank; and the parameters of two of the `units` sharded
+    modules (e.g. decoder layers: the one computed and the one prefetched) are gathered whole at a time. Selection
+    runs before sharding, so its peak is that of one process on every rank, in both cases.
+    """
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    if processes < 1 or units < 1:
+        raise ValueError("processes and units must be at least 1")
+    if sharding == "ddp":
+        extra = 0 if fused else estimate.trained_values  # fp32 buckets: one gradient per trained value
+        return replace(estimate, gradients=estimate.gradients + extra)
+    gathered = 2 * (estimate.base_weights + estimate.trained_values) // units if processes > 1 else 0
+    return replace(
+        estimate,
+        base_weights=math.ceil(estimate.base_weights / processes),
+        trained_values=math.ceil(estimate.trained_values / processes),
+        gradients=math.ceil(estimate.gradients / processes),
+        optimizer_state=math.ceil(estimate.optimizer_state / processes),
+        temporaries=estimate.temporaries + gathered,
+    )

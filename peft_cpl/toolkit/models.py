@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "smollm2"  # the name that stands for the embedded SmolLM2-135M-Instruct
 QUANTIZATIONS = ("8bit", "4bit")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def model_path(name_or_path: str | os.PathLike | None = None) -> Path:
@@ -55,6 +56,9 @@ def load_model(
         raise ValueError(f"quantize={quantize!r} needs bitsandbytes: pip install 'peft-cpl[bnb]'")
     dtype = torch.float32 if dtype is None else dtype
     path = model_path(name_or_path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the model's "
+                                "tokenizer there with tokenizer.save_pretrained(folder)")
     kwargs: dict = {"dtype": dtype}
     if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -27,11 +27,27 @@ def cpl_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, C
 
 def resolve_adapter(model: nn.Module, adapter_name: str | None = None) -> str:
     """The adapter meant: `adapter_name` when the model has it, else the one active adapter. Errors say why not."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"expected the PeftModel holding a CPL adapter, got a {type(model).__name__}: pass the model that "
+            "peft.get_peft_model(model, peft_cpl.CPLConfig(...)) or PeftModel.from_pretrained returned"
+        )
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict) or not cpl_layers(model):
+        kinds = {name: str(getattr(config, "peft_type", "?")) for name, config in (configs or {}).items()}
+        has = f" (its adapters: {kinds})" if kinds else ""
         raise ValueError(
-            f"this {type(model).__name__} has no CPL adapter: wrap it first with "
+            f"this {type(model).__name__} has no CPL adapter{has}: wrap it first with "
             "peft.get_peft_model(model, peft_cpl.CPLConfig(...)), or load one with PeftModel.from_pretrained"
+        )
+    if not isinstance(model, (PeftModel, BaseTuner)):  # e.g. get_base_model(), or inject_adapter_in_model
+        raise ValueError(
+            f"this {type(model).__name__} has CPL layers but is not a PeftModel, so which adapter is active is not "
+            "known: pass the PeftModel itself (what peft.get_peft_model(model, peft_cpl.CPLConfig(...)) or "
+            "PeftModel.from_pretrained returned), not its get_base_model() or a model from inject_adapter_in_model"
         )
     if adapter_name is not None:
         if adapter_name not in configs or not cpl_layers(model, adapter_name):
@@ -44,9 +60,13 @@ def resolve_adapter(model: nn.Module, adapter_name: str | None = None) -> str:
     return active[0]
 
 
-def relative_name(name: str) -> str:
-    """A module's name inside the base model, whatever wraps it (PeftModel, its tuner)."""
-    return name.removeprefix("base_model.").removeprefix("model.") if name.startswith("base_model.") else name
+def relative_name(name: str, model: nn.Module | None = None) -> str:
+    """A module's name inside the base model, whatever wraps it (PeftModel, or its tuner when `model` is one)."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if name.startswith("base_model."):
+        return name.removeprefix("base_model.").removeprefix("model.")
+    return name.removeprefix("model.") if isinstance(model, BaseTuner) else name
 
 
 @dataclass
@@ -66,7 +86,7 @@ def export_support(model: nn.Module, adapter_name: str | None = None) -> Adapter
     adapter_name = resolve_adapter(model, adapter_name)
     exported = AdapterSupport()
     for name, layer in cpl_layers(model, adapter_name).items():
-        key = relative_name(name)
+        key = relative_name(name, model)
         exported.supports[key] = layer.support(adapter_name).to("cpu")
         if adapter_name in layer.cpl_mastered_sign:
             exported.mastered_signs[key] = layer.cpl_mastered_sign[adapter_name].detach().cpu().clone()
@@ -76,7 +96,7 @@ def export_support(model: nn.Module, adapter_name: str | None = None) -> Adapter
 def restore_support(model: nn.Module, exported: AdapterSupport, adapter_name: str | None = None) -> None:
     """Give the adapter the exported supports (values restart at zero), checked module by module first."""
     adapter_name = resolve_adapter(model, adapter_name)
-    layers = {relative_name(name): layer for name, layer in cpl_layers(model, adapter_name).items()}
+    layers = {relative_name(name, model): layer for name, layer in cpl_layers(model, adapter_name).items()}
     problems = sorted(set(layers) ^ set(exported.supports))
     problems += [
         f"{name}: support for shape {exported.supports[name].shape}, weight has {layer.delta_shape}"

@@ -29,10 +29,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _new_file_mode() -> int:
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _new_file_mode() -> int:
+    return 0o666 & ~_umask()
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -49,6 +53,7 @@ def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the folder it becomes gets the user's umask
         yield staging
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         if target.exists():

@@ -20,7 +20,6 @@ Everything is a plain function on tensors so the codec is tested on its own (see
 from __future__ import annotations
 
 import math
-import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -197,19 +196,3 @@ def _decode_positions(scheme: int, low_bits: int, payload: bytes, universe: int,
 def _ceil8(bits: int) -> int:
     return (bits + 7) // 8
 
-
-def check_adapter_file(directory: str) -> None:
-    """Fail early, before any model is touched, when a local adapter file is truncated or not safetensors."""
-    from safetensors import SafetensorError, safe_open
-
-    path = os.path.join(directory, "adapter_model.safetensors")
-    if not os.path.isfile(path):
-        return
-    try:
-        with safe_open(path, framework="pt") as handle:
-            handle.keys()
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"The CPL adapter file {path} is truncated or corrupted ({error}). Nothing was loaded; save the adapter "
-            "again or restore the file from a copy."
-        ) from error

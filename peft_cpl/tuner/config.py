@@ -128,7 +128,7 @@ class CPLConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """PEFT's loader, plus an integrity check of a local adapter file before the model is modified."""
-        from .codec import check_adapter_file
+        from .integrity import check_adapter_file
         from .report import REPORT_FILE, SelectionReport
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

@@ -8,6 +8,11 @@ one values tensor's gradient exists at a time. The guard's revert runs per tenso
 What cannot work, and is refused: gradient accumulation (a tensor would be stepped on every micro-batch), clipping
 by the global gradient norm (no moment has all gradients at once) and fp16 loss scaling (the hooks would step on
 scaled gradients, and an overflowing step could not be skipped).
+
+Under torch.distributed each gradient is averaged over the ranks (all_reduce) in its hook, before its step, as DDP
+would average it: DDP itself cannot be used, since its bucketed all-reduce runs after these hooks have stepped on the
+local gradient, so the model must not be wrapped in DDP. Values sharded by FSDP2 are refused: FSDP2 writes their
+gradients without the hook firing, so they would never be stepped.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .guard import CollaborativeGuard
 
 
@@ -41,6 +47,9 @@ class FusedStep(torch.optim.Optimizer):
         params = [param for param in params if param.requires_grad]
         if not params:
             raise ValueError("FusedStep got no trainable parameters (was the CPL support selected?)")
+        if any(distributed.is_sharded(param) for param in params):
+            raise ValueError("FusedStep cannot step parameters sharded by FSDP2's fully_shard (their gradients are "
+                             "written without the hook that steps them): use a plain optimizer, fused=False")
         self.inner = {param: optimizer_cls([param], **optimizer_kwargs) for param in params}
         super().__init__(params, defaults={})
         self.param_groups = [group for optimizer in self.inner.values() for group in optimizer.param_groups]
@@ -62,6 +71,9 @@ class FusedStep(torch.optim.Optimizer):
                 "the fused step (each backward pass steps at once). Use gradient_accumulation_steps=1 and a larger "
                 "batch, or a plain optimizer (fused=False)."
             )
+        if distributed.world_size() > 1:  # every rank steps on the same, averaged gradient (as DDP's would be)
+            distributed.sum_over_ranks_([param.grad])
+            param.grad.div_(distributed.world_size())
         name = self._guarded.get(param)
         before = param.detach().clone() if name is not None else None
         self.inner[param].step()
@@ -113,5 +125,8 @@ def check_trainer_arguments(args: Any) -> None:
         problems.append(f"max_grad_norm={args.max_grad_norm} (set max_grad_norm=0: no global norm exists)")
     if getattr(args, "fp16", False):
         problems.append("fp16=True (its loss scaling needs every gradient before the step; use bf16=True)")
+    if (getattr(args, "world_size", 1) or 1) > 1:
+        problems.append(f"{args.world_size} processes (the Trainer wraps the model in DDP, whose all-reduce comes "
+                        "after the fused step's in-backward steps)")
     if problems:
         raise ValueError("The fused step cannot run with " + " and ".join(problems) + ", or use fused=False.")

@@ -1,7 +1,9 @@
 """Exact mean weight gradients of CPL-targeted layers, from hooks: grad_W = grad_out^T x.
 
 The base weights never need `requires_grad` or `.grad`, so this works on frozen and on quantized (int8 / 4-bit)
-bases alike; each layer accumulates one fp32 tensor of its weight's shape, optionally on the CPU.
+bases alike; each layer accumulates one fp32 tensor of its weight's shape, optionally on the CPU. Under
+torch.distributed the sums and the example count are summed over all ranks before dividing, so every rank gets the
+same exact means, those of one process that saw every rank's batches.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import count_over_ranks, sum_over_ranks_
 from .functional import weight_grad_factors
 from .layer import CPLLayer, Embedding
 from .losses import LossFn, summed_example_loss
@@ -30,7 +33,7 @@ def mean_weight_gradients(
     description: str = "gradients",
     progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """({layer name: mean gradient of the loss w.r.t. its base weight}, number of examples seen)."""
+    """({layer name: mean gradient of the loss w.r.t. its base weight}, number of examples seen), over all ranks."""
     device = next(model.parameters()).device
     sums = {
         name: torch.zeros(layer.delta_shape, dtype=torch.float32, device=accumulate_on or layer._base_device())
@@ -43,6 +46,9 @@ def mean_weight_gradients(
             loss, count = summed_example_loss(model, send_to_device(batch, device), loss_fn)
             loss.backward()
             examples += count
+    if sums:
+        sum_over_ranks_(sums.values())  # before any division or move, so every rank divides the same sums
+        examples = count_over_ranks(examples, next(iter(sums.values())))
     if examples:
         for tensor in sums.values():
             tensor.div_(examples)

@@ -7,6 +7,9 @@ support is kept (int8, one byte per coordinate); it is refreshed never, every N 
 
 `attach(optimizer)` hooks the guard onto any torch optimizer through its own step hooks (`register_step_pre_hook` /
 `register_step_post_hook`), so it works with an optimizer a Trainer or accelerate builds, without a wrapper.
+
+Under torch.distributed (DDP) every rank builds the guard, which checks that all guard the same support; a refresh
+sums each rank's g_M over all ranks before taking its sign, so every rank reverts the same coordinates.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from . import distributed
 from .adapters import cpl_layers, resolve_adapter
 from .layer import CPLLayer
 from .losses import LossFn, summed_example_loss
@@ -53,6 +57,7 @@ class CollaborativeGuard:
             raise ValueError(f"refresh must be one of {REFRESH_CHOICES} or a positive int of steps, got {refresh!r}")
         if refresh != "never" and mastered is None:
             raise ValueError(f"refresh={refresh!r} recomputes g_M, so the guard needs mastered=... batches")
+        model = distributed.unwrap(model)  # a refresh runs the model itself, not DDP's forward
         self.model, self.mastered, self.loss_fn, self.refresh_policy = model, mastered, loss_fn, refresh
         self.adapter_name = resolve_adapter(model, adapter_name)
         self.layers = cpl_layers(model, self.adapter_name)
@@ -61,6 +66,7 @@ class CollaborativeGuard:
                 f"CPL adapter '{self.adapter_name}' has no support yet: run select_collaborative(...) before creating "
                 "the guard (it guards the support's updates)."
             )
+        self._check_ranks_agree()
         self.steps = 0
         self._refreshed_at = 0  # step count at the last refresh: sign(g_M) from selection is fresh at step 0
         self._counts = torch.zeros(2, dtype=torch.int64)  # reverted, proposed coordinate updates (on the device)
@@ -93,7 +99,12 @@ class CollaborativeGuard:
         """Put back the coordinates of one layer's values whose change since `before` raises L_M to first order."""
         layer = self.layers[name]
         values = self._values(layer)
-        sign = layer.cpl_mastered_sign[self.adapter_name].to(values.dtype)
+        sign = layer.cpl_mastered_sign[self.adapter_name]
+        if distributed.is_sharded(values):  # FSDP2: this rank's shard of the values, and its slice of sign(g_M)
+            start = distributed.shard_start(values)
+            values, before = values.to_local(), before.to_local()
+            sign = sign[start: start + values.numel()]
+        sign = sign.to(values.dtype)
         change = values - before
         harmful = change * sign > 0
         values.copy_(torch.where(harmful, before, values))
@@ -119,7 +130,9 @@ class CollaborativeGuard:
         """Recompute sign(g_M) on the support at the current weights: one forward+backward per mastered batch.
 
         The gradients come from `torch.autograd.grad`, so no parameter's `.grad` is written: a training step's
-        gradients stay as they were, and no gradient hook (the fused step's) fires.
+        gradients stay as they were, and no gradient hook (the fused step's) fires. Under torch.distributed they are
+        summed over the ranks. Values sharded by FSDP2 cannot be reached by `torch.autograd.grad` (it returns None for
+        them): there `backward()` reduce-scatters g_M into their `.grad`, which is gathered whole, then put back.
         """
         self._refreshed_at = self.steps
         names = list(self.layers)
@@ -127,24 +140,51 @@ class CollaborativeGuard:
         flags = [value.requires_grad for value in values]
         was_training = self.model.training
         device = values[0].device
-        sums = [torch.zeros_like(value) for value in values]
+        sharded = distributed.is_sharded(values[0])
+        sums = [torch.zeros(value.shape, dtype=value.dtype, device=device) for value in values]
+        stashed = [value.grad for value in values]  # the step's gradients (FSDP2's backward writes .grad)
         self.model.eval()
         try:
             for value in values:
                 value.requires_grad_(True)
+                if sharded:
+                    value.grad = None
             with torch.enable_grad():  # may be called from after_step, which runs under no_grad
                 for batch in self.mastered:
                     loss, _ = summed_example_loss(self.model, send_to_device(batch, device), self.loss_fn)
+                    if sharded:
+                        loss.backward()  # reduce-scattered (averaged) over the ranks into each shard's .grad
+                        continue
                     grads = torch.autograd.grad(loss, values, allow_unused=True)  # None: M does not reach a layer
                     for total, grad in zip(sums, grads):
                         if grad is not None:
                             total.add_(grad)
+            if sharded:
+                sums = [total if value.grad is None else value.grad.full_tensor()
+                        for total, value in zip(sums, values)]
+            else:
+                distributed.sum_over_ranks_(sums)  # sign of g_M over every rank's mastered examples, the same on each
             for name, total in zip(names, sums):
                 self.layers[name].set_mastered_sign(self.adapter_name, total)
         finally:
-            for value, flag in zip(values, flags):
+            for value, flag, grad in zip(values, flags, stashed):
                 value.requires_grad_(flag)
+                if sharded:
+                    value.grad = grad
             self.model.train(was_training)
+
+    def _check_ranks_agree(self) -> None:
+        """Under torch.distributed: every rank builds a guard, for the same adapter, support and refresh policy."""
+        distributed.check_joined("CollaborativeGuard(...)")
+        if distributed.world_size() == 1:
+            return
+        supports = [(name, self._values(layer).numel(), distributed.coordinate_digest(layer.support(self.adapter_name)
+                     .indices)) for name, layer in self.layers.items()]
+        signs = all(self.adapter_name in layer.cpl_mastered_sign for layer in self.layers.values())
+        distributed.check_same("CollaborativeGuard", {
+            "adapter": self.adapter_name, "refresh": str(self.refresh_policy),
+            "support": distributed.fingerprint(supports), "sign(g_M) from selection": signs,
+        })
 
     def attach(self, optimizer: torch.optim.Optimizer) -> GuardHandle:
         """Guard every `step()` of `optimizer` from now on; `.remove()` the returned handle to stop.
@@ -159,6 +199,13 @@ class CollaborativeGuard:
             raise ValueError(
                 "a fused optimizer steps inside backward: give it the guard instead of attaching it, "
                 "FusedStep(params, ..., guard=guard) or make_optimizer(..., fused=True, guard=guard)"
+            )
+        stepped = {id(param) for group in optimizer.param_groups for param in group["params"]}
+        if not any(id(self._values(layer)) in stepped for layer in self.layers.values()):
+            raise ValueError(
+                f"this {type(optimizer).__name__} does not step the adapter's values tensors, so the guard cannot "
+                "revert its updates: build it over the model's parameters. (DeepSpeed ZeRO steps flat copies and "
+                "writes them back after the step hooks: use the guard with DDP or FSDP2.)"
             )
         before = optimizer.register_step_pre_hook(lambda *_: self.before_step())
         after = optimizer.register_step_post_hook(lambda *_: self.after_step())

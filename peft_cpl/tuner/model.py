@@ -11,8 +11,9 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapters import cpl_layers
 from .bnb import keep_canonical_layout
-from .codec import CorruptRecordError, decode_support, encode_support, tensor_crc32
+from .codec import encode_support
 from .config import CPLConfig
+from .integrity import record_problem
 from .layer import CPLLayer, Embedding, Linear
 
 _QUANTIZED_BACKENDS = ("bnb 8bit", "bnb 4bit")
@@ -94,49 +95,53 @@ class CPLModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """Decode every record, check it against the model, then size the supports: all or nothing."""
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        plans, problems = [], []
+        plans, problems, damaged = [], [], []
         for name, layer in cpl_layers(model, adapter_name).items():
             values_key, index_key = f"{name}.cpl_values.{adapter_name}", f"{name}.cpl_indices.{adapter_name}"
             if values_key not in state_dict or index_key not in state_dict:
                 problems.append(f"{name}: no entry in the adapter file")
                 continue
-            values = state_dict[values_key]
-            try:
-                record = decode_support(state_dict[index_key])
-            except CorruptRecordError as error:
-                problems.append(f"{name}: corrupted index record ({error})")
-                continue
-            support = record.support
-            if support.shape != tuple(layer.delta_shape):
+            record, damage = record_problem(state_dict[values_key], state_dict[index_key])
+            if record is not None and record.support.shape != tuple(layer.delta_shape):
                 problems.append(
-                    f"{name}: adapter was made for a weight of shape {support.shape}, base has {layer.delta_shape}"
+                    f"{name}: adapter was made for a weight of shape {record.support.shape}, base has "
+                    f"{layer.delta_shape}"
                 )
-            elif support.rows is not None and support.output_dim != layer.output_dim:
+            elif damage is not None:  # the file's own records disagree: damage, whatever the base
+                damaged.append(f"{name}: {damage}")
+            elif record.support.rows is not None and record.support.output_dim != layer.output_dim:
                 problems.append(f"{name}: the adapter's row support runs along the other dimension of the weight")
-            elif values.dim() != 1 or values.numel() != support.size:
-                problems.append(f"{name}: {values.numel()} values for {support.size} support coordinates")
-            elif tensor_crc32(values) != record.values_crc:
-                problems.append(f"{name}: values checksum mismatch (file altered or damaged)")
             else:
-                plans.append((layer, support, values_key, index_key))
+                plans.append((layer, record.support, values_key, index_key))
         known = {key for _, _, *keys in plans for key in keys}
         for key in state_dict:
-            if (".cpl_values" in key or ".cpl_indices" in key) and key not in known and not _claimed(key, problems):
+            if (".cpl_values" in key or ".cpl_indices" in key) and key not in known and not _claimed(
+                key, problems + damaged
+            ):
                 problems.append(f"{key.rsplit('.cpl_', 1)[0]}: in the adapter file but not a CPL module of the model")
-        if problems:
+        if problems or damaged:
             if len(getattr(model, "peft_config", {})) > 1 and hasattr(model, "delete_adapter"):
                 model.delete_adapter(adapter_name)  # load_adapter added it; leave the model as it was
-            listed = "\n  ".join(problems[:20])
-            if len(problems) > 20:
-                listed += f"\n  ... and {len(problems) - 20} more"
-            raise ValueError(
-                f"Cannot load CPL adapter '{adapter_name}': it does not match this base model (nothing was loaded).\n"
-                f"  {listed}\nLoad it onto the base model it was trained on (same architecture and target_modules)."
-            )
+            raise ValueError(_load_error(adapter_name, damaged, problems))
         for layer, support, _, index_key in plans:
             layer.set_support(adapter_name, support)
             state_dict[index_key] = layer.cpl_indices[adapter_name]
         return state_dict
+
+
+def _load_error(adapter_name: str, damaged: list[str], problems: list[str]) -> str:
+    """Damage first (it is the file's fault whatever the base), then what does not fit the base."""
+    parts = [f"Cannot load CPL adapter '{adapter_name}' (nothing was loaded):"]
+    for heading, found, advice in (
+        ("its file is damaged (changed after it was saved; the base model is not the cause)", damaged,
+         "Save the adapter again or restore the file from a copy."),
+        ("it does not match this base model", problems,
+         "Load it onto the base model it was trained on (same architecture and target_modules)."),
+    ):
+        if found:
+            listed = "\n    ".join(found[:20]) + (f"\n    ... and {len(found) - 20} more" if len(found) > 20 else "")
+            parts.append(f"  {heading}:\n    {listed}\n  {advice}")
+    return "\n".join(parts)
 
 
 def _claimed(key: str, problems: list[str]) -> bool:
