@@ -10,6 +10,7 @@ in place before peft is imported.
 from __future__ import annotations
 
 import logging
+import warnings
 
 KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
@@ -24,3 +25,9 @@ def install() -> None:
     logger = logging.getLogger(BNB_CPU_LOGGER)
     if not any(isinstance(existing, _DropKernelsNotice) for existing in logger.filters):
         logger.addFilter(_DropKernelsNotice())
+
+
+def quiet_programs() -> None:
+    """For our programs (CLI, demo), not for the library: peft asks transformers 5 for `is_gradient_checkpointing`,
+    which warns a FutureWarning on every get_peft_model that the user can do nothing about."""
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -146,10 +146,14 @@ def test_outputs_get_the_users_umask(ws, tmp_path, capsys):
     previous = os.umask(0o027)
     try:
         assert run(capsys, "split", ws / "q.jsonl", "--model", ws / "model", "--output", tmp_path / "s")[0] == 0
+        assert run(capsys, "select", "--model", ws / "model", "--mastered", ws / "split/mastered.jsonl",
+                   "--injection", ws / "split/injection.jsonl", "--output", tmp_path / "a")[0] == 0
     finally:
         os.umask(previous)
     assert (tmp_path / "s").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "s/mastered.jsonl").stat().st_mode & 0o777 == 0o640
+    # safetensors writes its files 0600 whatever the umask: the staged folder gives them the user's
+    assert (tmp_path / "a/adapter_model.safetensors").stat().st_mode & 0o777 == 0o640
 
 
 def test_sigterm_while_an_output_is_staged_leaves_nothing(tmp_path):
@@ -217,3 +221,34 @@ def test_random_json_values_and_field_types_give_items_or_the_documented_error(t
     path = tmp_path / "fuzz.json"
     path.write_text(json.dumps(lines))
     read_or_documented_error(path)
+
+
+def in_a_full_disk(size: str, command: list[str]) -> tuple[int, str, str]:
+    """(exit status, its error lines, what is left on the disk) of `command` writing under $DISK, a tmpfs of `size`
+    mounted in a mount namespace of its own (no root needed where user namespaces are allowed); skips where they are
+    not."""
+    if subprocess.run(["sh", "-c", "command -v unshare"], capture_output=True).returncode:
+        pytest.skip("no unshare here: a small disk cannot be mounted")
+    script = ('DISK=$(mktemp -d) && mount -t tmpfs -o size=$SIZE tmpfs "$DISK" || exit 99; '
+              'export DISK; "$@" >/dev/null 2>"$DISK.err"; code=$?; echo "$code"; cat "$DISK.err" >&2; ls -A "$DISK"')
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", *command],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "SIZE": size})
+    if done.returncode == 99 or not done.stdout.strip():
+        pytest.skip(f"this machine allows no tmpfs in a user namespace ({done.stderr.strip()[:200]})")
+    code, *left = done.stdout.split()
+    messages = [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback"))]
+    return int(code), "\n".join(messages), " ".join(left)
+
+
+def test_a_full_disk_is_named_and_leaves_nothing(ws):
+    """A checkpoint (torch.save) and a merge (safetensors) on a disk too small for them: one `error:` line that says
+    the disk is full, exit 2, and no half-written output or hidden temporary on that disk."""
+    cli = [sys.executable, "-m", "peft_cpl.toolkit.cli"]
+    train = [arg.replace("@DISK", "$DISK") for arg in train_args(ws, "@DISK/trained", 1)]
+    code, err, left = in_a_full_disk("200k", ["sh", "-c", " ".join([*cli, *train[:-1], '"$DISK/trained"'])])
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and "the disk is full" in err, err
+    assert "Traceback" not in err and left == ""
+    merge = [*cli, "merge", "--model", str(ws / "model"), "--adapter", str(ws / "trained"), "--output"]
+    code, err, left = in_a_full_disk("64k", ["sh", "-c", " ".join([*merge, '"$DISK/merged"'])])
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and "the disk is full" in err, err
+    assert "No space left on device" in err and "Traceback" not in err and left == ""

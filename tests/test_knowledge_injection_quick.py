@@ -9,22 +9,24 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.knowledge_injection.pipeline import main
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "knowledge_injection"  # a package: run by path, through its __main__.py
-METHODS = [
-    "full-sgd", "full-adamw", "lora", "nlora", "nlora-released", "random", "magnitude", "agem", "replay", "cpl",
-    "cpl-guard", "authors-rule",
-]
-SPARSE_AND_NLORA = {"lora", "nlora", "nlora-released", "random", "magnitude", "cpl"}
+METHODS = ["full-adamw", "lora", "nlora", "replay", "random", "magnitude", "cpl", "cpl-guard", "authors-rule"]
+SEEDS = ["0", "1"]
+
+
+def run_script(*arguments: str) -> subprocess.CompletedProcess:
+    """The script as users run it, by path, in its own process."""
+    return subprocess.run([sys.executable, str(SCRIPT), *arguments], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("knowledge_injection")
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--output-md", str(folder / "ki.md")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+    completed = run_script("--quick", "--task", "both", "--output-md", str(folder / "ki.md"))
     assert completed.returncode == 0, completed.stderr[-4000:]
     return folder
 
@@ -32,91 +34,102 @@ def outputs(tmp_path_factory) -> Path:
 def test_every_output_is_written(outputs):
     assert (outputs / "ki.md").is_file() and (outputs / "ki.json").is_file()
     for task in ("facts", "mcq"):
-        plot = outputs / f"ki_{task}.png"
-        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (outputs / f"ki_{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_json_has_every_method_with_counts_in_bounds(outputs):
+def test_every_seed_has_every_method_and_lr_with_curves_in_bounds(outputs):
     report = json.loads((outputs / "ki.json").read_text())
     assert report["methods"] == METHODS
     for name in ("facts", "mcq"):
         task = report["tasks"][name]
-        sizes = task["sizes"]
-        assert sizes["injection"] > 0 and sizes["mastered_ref"] > 0 and sizes["mastered_held"] > 0
-        assert {run["method"] for run in task["runs"]} == set(METHODS)
-        assert len(task["runs"]) == len(METHODS) * len(task["lr_factors"])
-        for run in task["runs"]:
-            assert [row["epoch"] for row in run["epochs"]] == list(range(1, task["epochs"] + 1))
-            for row in run["epochs"]:
-                assert 0 <= row["learned"] <= sizes["injection"]
-                assert 0 <= row["forgotten_in"] <= sizes["mastered_ref"]
-                assert 0 <= row["forgotten_out"] <= sizes["mastered_held"]
-                assert 0 <= row["heldout_correct"] <= sizes["injection_held"]
-            assert run["trainable"] > 0 and run["train_seconds"] >= 0 and run["peak_rss_mb"] > 0
-            assert 0.0 <= run["update_outside_collaborative"] <= 1.0
-        by_method = {run["method"]: run for run in task["runs"]}
-        # CPL trains only collaborative coordinates, so none of its update lies outside that set
-        assert by_method["cpl"]["update_outside_collaborative"] == pytest.approx(0.0, abs=1e-12)
-        # random and magnitude supports are sized at CPL's density
-        cpl_values = by_method["cpl"]["trainable"]
-        assert abs(by_method["random"]["trainable"] - cpl_values) <= 1 + 0.001 * cpl_values
-        assert by_method["full-adamw"]["trainable"] > by_method["cpl"]["trainable"]
-    # the sets are disjoint: no item is both trained on and measured as mastered or held out
-    ids = report["tasks"]["facts"]["ids"]
-    seen = [item for key in ids for item in ids[key]]
-    assert len(seen) == len(set(seen))
+        assert sorted(task["seeds"]) == SEEDS
+        steps_per_epoch = -(-task["seeds"]["0"]["sizes"]["injection"] // task["batch_size"])
+        last = task["epochs"] * steps_per_epoch
+        expected_steps = sorted({0, *range(task["eval_every"], last + 1, task["eval_every"]), last})
+        for seed, outcome in task["seeds"].items():
+            sizes = outcome["sizes"]
+            assert outcome["finished"] and sizes["injection"] > 0 and sizes["mastered_held"] > 0
+            assert {(run["method"], run["lr"]) for run in outcome["runs"]} == {
+                (method, lr) for method in METHODS for lr in task["lr_grid"][method]}
+            for run in outcome["runs"]:
+                assert run["seed"] == int(seed)
+                assert [point["step"] for point in run["curve"]] == expected_steps
+                assert run["curve"][0] == {"step": 0, **outcome["baseline"]}
+                for point in run["curve"]:
+                    assert 0 <= point["learned"] <= sizes["injection"]
+                    assert 0 <= point["forgotten_in"] <= sizes["mastered_ref"]
+                    assert 0 <= point["forgotten_out"] <= sizes["mastered_held"]
+                    assert 0 <= point["heldout_correct"] <= sizes["injection_held"]
+                assert run["trainable"] > 0 and run["train_seconds"] >= 0 and run["peak_rss_mb"] > 0
+            by_method = {run["method"]: run for run in outcome["runs"]}
+            # CPL trains only collaborative coordinates, so none of its update lies outside that set
+            assert by_method["cpl"]["update_outside_collaborative"] == pytest.approx(0.0, abs=1e-12)
+            cpl_values = by_method["cpl"]["trainable"]  # random and magnitude supports are sized at CPL's density
+            assert abs(by_method["random"]["trainable"] - cpl_values) <= 1 + 0.001 * cpl_values
+            # the sets are disjoint: no item is both trained on and measured as mastered or held out
+            seen = [item for key in outcome["ids"] for item in outcome["ids"][key]]
+            assert len(seen) == len(set(seen))
+    facts = report["tasks"]["facts"]["seeds"]
+    assert facts["0"]["ids"] != facts["1"]["ids"]  # each seed has its own split
 
 
-def test_collision_is_reported_for_sparse_methods_and_nlora(outputs):
-    facts = json.loads((outputs / "ki.json").read_text())["tasks"]["facts"]
-    entries = {entry["method"]: entry for entry in facts["collision"]}
-    assert set(entries) == SPARSE_AND_NLORA
-    for entry in entries.values():
-        assert all(0.0 <= rate <= 1.0 for rate in entry["collision"].values())
-    for name in ("random", "magnitude", "cpl"):  # exact for sparse supports: exactly non-zero = in both supports
-        assert entries[name]["collision"]["0.0"] <= entries[name]["support_overlap"] + 1e-12
-
-
-def test_markdown_has_a_row_per_method(outputs):
+def test_markdown_has_the_ci_tables_and_a_row_per_method(outputs):
     text = (outputs / "ki.md").read_text()
-    assert f"`python {SCRIPT} --quick --output-md" in text  # the exact command is recorded
+    assert f"`python {SCRIPT} --quick --task both --output-md" in text  # the exact command is recorded
     for task in ("facts", "mcq"):
         section = text.split(f"## Task: {task}")[1].split("## Task:")[0]
-        best_table = section.split("### Best setting")[1].split("###")[0]
+        chosen = section.split("### Each method at its chosen learning rate")[1].split("###")[0]
         for method in METHODS:
-            assert f"\n| {method} |" in best_table, (task, method)
+            assert f"\n| {method} |" in chosen, (task, method)
+        assert "### Paired difference to full-adamw" in section and "### Paired difference to lora" in section
+        assert "### In plain words" in section and "Screening only: 2 seed(s)" in section
         assert f"ki_{task}.png" in section
 
 
-def test_render_rebuilds_the_same_markdown_from_saved_reports(outputs, tmp_path):
-    """Tasks run as separate jobs (`--task facts`, `--task mcq`) are joined by `--render` into one report."""
+def test_render_joins_parts_run_by_seed_and_by_method(outputs, tmp_path):
+    """Parts run separately (some seeds, some methods) are joined by `--render` into the same report."""
     report = json.loads((outputs / "ki.json").read_text())
     parts = []
-    for name, task in report["tasks"].items():
-        part = tmp_path / f"{name}.json"
-        part.write_text(json.dumps({**report, "tasks": {name: task}}))
-        parts.append(str(part))
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--render", *parts, "--output-md", str(tmp_path / "joined.md")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    assert (tmp_path / "joined.md").read_text() == (outputs / "ki.md").read_text()
+    for seed in SEEDS:
+        for group in (METHODS[:4], METHODS[4:]):
+            part = json.loads(json.dumps(report))
+            for task in part["tasks"].values():
+                outcome = task["seeds"][seed]
+                outcome["runs"] = [run for run in outcome["runs"] if run["method"] in group]
+                task["seeds"] = {seed: outcome}
+            parts.append(tmp_path / f"part-{seed}-{len(parts)}.json")
+            parts[-1].write_text(json.dumps(part))
+    main(["--render", *map(str, parts), "--output-md", str(tmp_path / "joined.md")])
+    body = (outputs / "ki.md").read_text().split("## Task:", 1)[1].replace("ki_", "joined_")
+    assert (tmp_path / "joined.md").read_text().split("## Task:", 1)[1] == body
 
 
-def test_render_refuses_what_is_not_a_finished_report_and_keeps_the_old_output(tmp_path):
+def test_render_refuses_parts_with_other_splits_for_the_same_seed(outputs, tmp_path):
+    report = json.loads((outputs / "ki.json").read_text())
+    other = json.loads(json.dumps(report))
+    ids = other["tasks"]["facts"]["seeds"]["0"]["ids"]
+    ids["injection"], ids["mastered_ref"] = ids["mastered_ref"], ids["injection"]
+    (tmp_path / "a.json").write_text(json.dumps(report))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="another split"):
+        main(["--render", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--output-md",
+              str(tmp_path / "joined.md")])
+    assert not (tmp_path / "joined.md").exists()
+
+
+def test_render_refuses_what_is_not_a_report_and_keeps_the_old_output(tmp_path):
     output = tmp_path / "ki.md"
     output.write_text("previous report")
     not_report = tmp_path / "other.json"
     not_report.write_text(json.dumps({"hello": 1}))
-    unfinished = tmp_path / "unfinished.json"
+    empty = tmp_path / "empty.json"
     keys = {"command": "", "machine": "", "model": "", "commit": "", "date": "", "methods": []}
-    unfinished.write_text(json.dumps({**keys, "tasks": {"facts": {"runs": []}}}))
+    empty.write_text(json.dumps({**keys, "tasks": {"facts": {"seeds": {}, "lr_grid": {}, "epochs": 1,
+                                                            "eval_every": 1, "batch_size": 1}}}))
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**keys, "tasks": {"facts": {"runs": []}}}))
     for path, message in ((tmp_path / "missing.json", "cannot read"), (not_report, "not a report"),
-                          (unfinished, "no finished task")):
-        completed = subprocess.run(
-            [sys.executable, str(SCRIPT), "--render", str(path), "--output-md", str(output)],
-            cwd=ROOT, capture_output=True, text=True, timeout=120,
-        )
-        assert completed.returncode != 0 and message in completed.stderr and "Traceback" not in completed.stderr
+                          (old, "older version"), (empty, "no run")):
+        with pytest.raises(SystemExit, match=message):  # a message for the user, not a traceback
+            main(["--render", str(path), "--output-md", str(output)])
     assert output.read_text() == "previous report"

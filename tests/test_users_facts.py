@@ -143,6 +143,16 @@ def test_an_item_longer_than_the_context_is_refused_by_name_before_any_work(tmp_
         code, out, err = run(capsys, *argv, *([] if command == "eval" else ["--output", tmp_path / "o"]))
         assert code == 2 and "item 'long-one'" in err and "over the model's context of 32" in err, command
         assert not (tmp_path / "o").exists() and "accuracy" not in out
+    write_items(tmp_path / "ok.jsonl", FACTS[:2])
+    short, ok, long_items = tmp_path / "short", tmp_path / "ok.jsonl", tmp_path / "q.jsonl"
+    code, _, err = run(capsys, "select", "--model", short, "--mastered", ok, "--injection", long_items, "--output",
+                       tmp_path / "o")
+    assert code == 2 and "item 'long-one'" in err and not (tmp_path / "o").exists()
+    assert run(capsys, "select", "--model", short, "--mastered", ok, "--injection", ok, "--output",
+               tmp_path / "adapter")[0] == 0
+    code, _, err = run(capsys, "train", "--model", short, "--adapter", tmp_path / "adapter", "--injection",
+                       long_items, "--output", tmp_path / "o")
+    assert code == 2 and "item 'long-one'" in err and not (tmp_path / "o").exists()
 
 
 # -- peft-cpl run -----------------------------------------------------------------------------------------------

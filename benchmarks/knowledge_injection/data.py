@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import random
 from collections.abc import Callable
@@ -11,10 +13,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peft_cpl.toolkit.data import country_facts, read_items
+from peft_cpl.toolkit.data import read_items
 from peft_cpl.toolkit.evaluation import debiased_split, predict, split_by_correctness
+from peft_cpl.tuner import atomic
 
-from .settings import TaskSettings
+from .facts import fact_pool, relation
+from .settings import ROOT, TaskSettings
+
+CACHE = ROOT / ".cache" / "knowledge_injection"
 
 
 @dataclass
@@ -36,12 +42,12 @@ def real_world(args: argparse.Namespace, tasks: list[TaskSettings]) -> World:
 
     items = {}
     if any(task.name == "facts" for task in tasks):
-        items["facts"] = country_facts(args.relations)
+        items["facts"] = fact_pool(args.kinds)
     if any(task.name == "mcq" for task in tasks):
         banks = sorted(args.mcq_dir.glob("*.jsonl"))
         if not banks:
             raise SystemExit(f"no *.jsonl question bank in {args.mcq_dir} (pass --mcq-dir)")
-        rng = random.Random(args.seed)
+        rng = random.Random(0)  # the pool is the same for every seed
         per_bank = math.ceil(args.mcq_pool / len(banks))
         pool = [item for bank in banks for item in rng.sample(read_items(bank), k=per_bank)]
         items["mcq"] = pool[: args.mcq_pool]
@@ -54,7 +60,7 @@ def quick_world(args: argparse.Namespace) -> World:
 
     from peft_cpl.toolkit.tiny import fit, item_texts, tiny_llama_config, tiny_tokenizer
 
-    rng = random.Random(args.seed)
+    rng = random.Random(0)  # the pool is the same for every seed
     lands = 48
     facts = [
         {"id": f"capital:L{k}", "question": f"What is the capital of land{k} ?", "answer": f"city{k}",
@@ -71,7 +77,7 @@ def quick_world(args: argparse.Namespace) -> World:
                                 "Please reply with only A, B, C, or D."})
     tokenizer = tiny_tokenizer(item_texts(facts + mcq))
     config = tiny_llama_config(vocab_size=len(tokenizer))
-    torch.manual_seed(args.seed)
+    torch.manual_seed(0)
     model = fit(LlamaForCausalLM(config), tokenizer, facts[: lands // 2] + mcq[: lands // 2], steps=100, lr=3e-3)
     state = {key: value.detach().clone() for key, value in model.state_dict().items()}
 
@@ -100,18 +106,36 @@ class Split:
                 "mastered_ref": len(self.mastered_ref), "mastered_held": len(self.mastered_held)}
 
 
-def make_split(args: argparse.Namespace, world: World, task: TaskSettings, base: nn.Module) -> Split:
-    """Split by the base model's own answers; shuffle with the seed; cap the sizes."""
+def base_answers(args: argparse.Namespace, world: World, task: TaskSettings,
+                 base: nn.Module) -> tuple[list, list, dict]:
+    """(mastered, injection, info): the pool split by the base model's own answers, the rule `peft-cpl split` uses.
+
+    The base model's answers do not depend on the seed, so they are computed once per pool and model and cached.
+    """
     items = world.items[task.name]
     info: dict = {"pool": len(items)}
+    digest = hashlib.sha256(json.dumps([world.description, task.name, items], sort_keys=True).encode())
+    digest.update(next(base.parameters()).detach().float().cpu().numpy().tobytes())  # these weights, not a name
+    cache = CACHE / f"{task.name}-{digest.hexdigest()[:16]}.json"
     if task.name == "mcq" and args.mcq_split == "debiased":
         mastered, injection = debiased_split(base, world.tokenizer, items, batch_size=args.eval_batch_size)
         info["split"] = "debiased (mastered: right under all 4 option rotations; injection: wrong under all 4)"
     else:
-        correct = predict(base, world.tokenizer, items, batch_size=args.eval_batch_size)
+        if cache.is_file() and not args.quick:
+            correct = json.loads(cache.read_text())
+        else:
+            correct = predict(base, world.tokenizer, items, batch_size=args.eval_batch_size)
+            if not args.quick:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                atomic.write_text(cache, json.dumps(correct))
         mastered, injection = split_by_correctness(correct, items)
-        info["split"] = "by the model's answers (paper protocol)"
+        info["split"] = "by the model's answers (paper protocol; the rule of `peft-cpl split`)"
     info["mastered_available"], info["injection_available"] = len(mastered), len(injection)
+    by_relation: dict[str, list[int]] = {}
+    for group, name in ((mastered, "mastered"), (injection, "injection")):
+        for item in group:
+            by_relation.setdefault(relation(item), [0, 0])[name == "injection"] += 1
+    info["relations"] = {name: {"mastered": m, "injection": i} for name, (m, i) in sorted(by_relation.items())}
     if task.name == "mcq":
         info["mastered_label_A_share"] = sum(item["label"] == "A" for item in mastered) / max(len(mastered), 1)
         info["pool_label_A_share"] = sum(item["label"] == "A" for item in items) / len(items)
@@ -122,11 +146,31 @@ def make_split(args: argparse.Namespace, world: World, task: TaskSettings, base:
             if args.mcq_split == "paper":
                 robust, robust_wrong = debiased_split(base, world.tokenizer, items, batch_size=args.eval_batch_size)
                 info["debiased_mastered"], info["debiased_injection"] = len(robust), len(robust_wrong)
-    rng = random.Random(args.seed)
-    rng.shuffle(mastered)
+    return mastered, injection, info
+
+
+def stratified(items: list[dict], rng: random.Random) -> list[dict]:
+    """The items shuffled within each relation and then interleaved, so that any prefix mixes every relation."""
+    groups: dict[str, list[dict]] = {}
+    for item in items:
+        groups.setdefault(relation(item), []).append(item)
+    for name in sorted(groups):
+        rng.shuffle(groups[name])
+    order = [name for name in sorted(groups)]
+    rng.shuffle(order)
+    mixed = []
+    for position in range(max((len(group) for group in groups.values()), default=0)):
+        mixed += [groups[name][position] for name in order if position < len(groups[name])]
+    return mixed
+
+
+def make_split(task: TaskSettings, mastered: list[dict], injection: list[dict], info: dict, seed: int) -> Split:
+    """This seed's split: its own sample of M (half reference, half held out) and of I, evenly over relations."""
+    rng = random.Random(seed)
+    mastered = stratified(mastered, rng)[: task.mastered]
+    injection = stratified(injection, rng)[: task.injection + task.injection_held]
+    rng.shuffle(mastered)  # the reference / held-out halves, and the trained / held-out injection items, at random
     rng.shuffle(injection)
-    mastered = mastered[: task.mastered]
     half = len(mastered) // 2
-    train_items = injection[: task.injection]
-    held = injection[task.injection : task.injection + task.injection_held]
-    return Split(train_items, held, mastered[:half], mastered[half:], info)
+    train_items, held = injection[: task.injection], injection[task.injection :]
+    return Split(train_items, held, mastered[:half], mastered[half:], {**info, "seed": seed})

@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from peft_cpl import CollaborativeGuard, CPLConfig, restore_support, select_collaborative
+from peft_cpl import CollaborativeGuard, CPLConfig, export_support, restore_support, select_collaborative
 from peft_cpl.toolkit.batches import make_batches
 from peft_cpl.toolkit.loop import make_optimizer
 
@@ -27,42 +27,70 @@ class Method:
     name: str
     kind: str  # "full" (every parameter), "lora", "cpl" (a CPL sparse delta on all linear layers)
     optimizer: str
-    lr: float  # centre of its sweep on SmolLM2 (see --lr to override)
+    lrs: tuple[float, ...]  # its learning-rate sweep on SmolLM2 (see --lr to override)
     about: str
     support: str | None = None  # CPL support kind
     guard: bool = False
     nlora: str | None = None  # N-LoRA penalty form
     agem: bool = False
     replay: bool = False
+    density: float | None = None  # CPL: a cap on the collaborative support (None: every collaborative coordinate)
+    granularity: str = "element"
+    ranking: str = "injection"  # which collaborative coordinates a cap keeps (select_collaborative's ranking)
+    reselect: bool = False  # CPL: merge and choose the support again at the current weights every epoch
+
+    @property
+    def support_key(self) -> tuple:
+        return self.density, self.granularity, self.ranking
 
 
-# Sweep centres, from a pilot on the capitals (16 trained, 2 epochs of 2 steps at batch 8): SGD at 3e-3 learned 11/16
-# after 2 steps and CPL (AdamW) at 3e-4 learned 10/16, so the centres sit ~3x lower, where 12 steps of the full run
-# should learn most items and the x0.25 / x4 ends learn little / overshoot. AdamW on the full model, and LoRA, are set
-# from the usual ratios to sparse AdamW (about 1/3 and 5x); the per-epoch points fill in the curves between.
-SGD_LR, SPARSE_LR, FULL_ADAMW_LR, LORA_LR = 1e-3, 1e-4, 3e-5, 5e-4
+# The sweeps, fixed before any result of the seeded benchmark was seen. Each spans 30x, from under- to over-training
+# in the run's 24 steps, around what earlier pilots found (RESULTS.md, and an outside run on other fact kinds): full
+# fine-tuning with AdamW learned most facts at 3e-5 and forgot far more at 1e-4; sparse AdamW (CPL) learned at 1e-4 as
+# fast as full AdamW at 3e-5; LoRA learned at ~5e-4; SGD at ~1e-3 to 3e-3.
+FULL_ADAMW_LRS = (1e-5, 3e-5, 1e-4, 3e-4)
+SPARSE_LRS = (3e-5, 1e-4, 3e-4, 1e-3)
+LORA_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+SGD_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 METHODS = [
-    Method("full-sgd", "full", "sgd", SGD_LR, "full fine-tuning, plain SGD (the paper's optimizer)"),
-    Method("full-adamw", "full", "adamw", FULL_ADAMW_LR, "full fine-tuning, AdamW"),
-    Method("lora", "lora", "adamw", LORA_LR, "LoRA r=16, alpha=32, all linear layers"),
-    Method("nlora", "lora", "adamw", LORA_LR, "N-LoRA: LoRA + lambda*||scaling*B@A||_1 (paper form)", nlora="paper"),
-    Method("nlora-released", "lora", "adamw", LORA_LR, "N-LoRA as released: lambda*||A@B||_1, r x r, square layers",
-           nlora="released"),
-    Method("random", "cpl", "adamw", SPARSE_LR, "random sparse support at CPL's density (SHiRA-like)",
-           support="random"),
-    Method("magnitude", "cpl", "adamw", SPARSE_LR, "top-|W| support at CPL's density (Super-Tuning-like)",
-           support="magnitude"),
-    Method("agem", "full", "adamw", FULL_ADAMW_LR, "full fine-tuning, AdamW, A-GEM projection on M-ref batches",
-           agem=True),
-    Method("replay", "full", "adamw", FULL_ADAMW_LR, "full fine-tuning, AdamW, M-ref items replayed in every batch",
+    Method("full-adamw", "full", "adamw", FULL_ADAMW_LRS, "full fine-tuning, AdamW"),
+    Method("lora", "lora", "adamw", LORA_LRS, "LoRA r=16, alpha=32, all linear layers"),
+    Method("nlora", "lora", "adamw", LORA_LRS, "N-LoRA: LoRA + lambda*||scaling*B@A||_1 (paper form)",
+           nlora="paper"),
+    Method("replay", "full", "adamw", FULL_ADAMW_LRS, "full fine-tuning, AdamW, M-ref items replayed in every batch",
            replay=True),
-    Method("cpl", "cpl", "adamw", SPARSE_LR, "CPL: static collaborative support (select_collaborative)",
+    Method("random", "cpl", "adamw", SPARSE_LRS, "random sparse support at CPL's density (SHiRA-like)",
+           support="random"),
+    Method("magnitude", "cpl", "adamw", SPARSE_LRS, "top-|W| support at CPL's density (Super-Tuning-like)",
+           support="magnitude"),
+    Method("cpl", "cpl", "adamw", SPARSE_LRS, "CPL: static collaborative support (select_collaborative)",
            support="collaborative"),
-    Method("cpl-guard", "cpl", "adamw", SPARSE_LR,
+    Method("cpl-guard", "cpl", "adamw", SPARSE_LRS,
            "CPL static support + per-step guard (sign g_M refreshed each epoch)", support="collaborative", guard=True),
-    Method("authors-rule", "cpl", "sgd", SGD_LR, "authors' per-step rule: dense support + guard each epoch, SGD",
+    Method("authors-rule", "cpl", "sgd", SGD_LRS, "authors' per-step rule: dense support + guard each epoch, SGD",
            support="dense", guard=True),
+    # not in the default set (the brief's list): kept for the screening of levers and for comparison with 0.1.0
+    Method("full-sgd", "full", "sgd", SGD_LRS, "full fine-tuning, plain SGD (the paper's optimizer)"),
+    Method("nlora-released", "lora", "adamw", LORA_LRS, "N-LoRA as released: lambda*||A@B||_1, r x r, square layers",
+           nlora="released"),
+    Method("agem", "full", "adamw", FULL_ADAMW_LRS, "full fine-tuning, AdamW, A-GEM projection on M-ref batches",
+           agem=True),
+    # levers (issue 13): each is an experiment against "cpl" on the same seeds, recorded in RESULTS.md
+    *[Method(f"cpl-d{density:g}", "cpl", "adamw", SPARSE_LRS, f"CPL capped at density {density:g} (top |g_I|)",
+             support="collaborative", density=density) for density in (0.2, 0.05, 0.01)],
+    *[Method(f"cpl-s-d{density:g}", "cpl", "adamw", SPARSE_LRS,
+             f"CPL capped at density {density:g} (top s = g_M * g_I)", support="collaborative", density=density,
+             ranking="contribution") for density in (0.2, 0.05)],
+    *[Method(f"cpl-rows-d{density:g}", "cpl", "adamw", SPARSE_LRS, f"CPL, whole rows, density {density:g}",
+             support="collaborative", density=density, granularity="row") for density in (0.2, 0.05)],
+    Method("cpl-guard-d0.05", "cpl", "adamw", SPARSE_LRS, "CPL capped at density 0.05 + per-step guard",
+           support="collaborative", guard=True, density=0.05),
+    Method("cpl-replay", "cpl", "adamw", SPARSE_LRS, "CPL + M-ref items replayed in every batch",
+           support="collaborative", replay=True),
+    Method("cpl-reselect", "cpl", "adamw", SPARSE_LRS, "CPL, support chosen again at the current weights each epoch",
+           support="collaborative", reselect=True),
 ]
+DEFAULT_METHODS = [method.name for method in METHODS[:9]]
 BY_NAME = {method.name: method for method in METHODS}
 COLLISION_METHODS = ("lora", "nlora", "nlora-released", "random", "magnitude", "cpl")
 
@@ -85,7 +113,7 @@ def build(args: argparse.Namespace, tokenizer, method: Method, lr: float, base: 
     mastered_batches = make_batches(tokenizer, mastered_ref, size)
     injection_batches = make_batches(tokenizer, injection, size)
     setup = 0.0
-    torch.manual_seed(args.seed)  # LoRA's A initialisation: identical for LoRA and N-LoRA
+    torch.manual_seed(random_seed)  # LoRA's A initialisation: identical for LoRA and N-LoRA
     if method.kind == "full":
         model = base
     elif method.kind == "lora":
@@ -95,23 +123,31 @@ def build(args: argparse.Namespace, tokenizer, method: Method, lr: float, base: 
         config = CPLConfig(target_modules="all-linear", support=method.support, density=density, seed=random_seed)
         model = get_peft_model(base, config)
         if method.support == "collaborative":
-            if cached_support:
+            key = method.support_key
+            if cached_support and key == Method("", "", "", (), "").support_key:
                 restore_support(model, selection.support)
                 setup = selection.seconds
+            elif cached_support and key in selection.variants:
+                support, setup = selection.variants[key]
+                restore_support(model, support)
             else:
                 started = time.perf_counter()
-                select_collaborative(model, mastered_batches, injection_batches, density=args.cpl_density,
-                                     progress=False)
+                density, granularity, ranking = key
+                select_collaborative(model, mastered_batches, injection_batches, progress=False,
+                                     density=args.cpl_density if density is None else density,
+                                     granularity=granularity, ranking=ranking)
                 setup = time.perf_counter() - started
+                if cached_support:  # the same for every lr of this seed: chosen once, charged to each run
+                    selection.variants[key] = (export_support(model), setup)
     optimizer = make_optimizer(model, method.optimizer, lr)
     agem = None
     if method.agem:
-        agem = AGEM(model, mastered_batches, seed=args.seed)
+        agem = AGEM(model, mastered_batches, seed=random_seed)
         agem.attach(optimizer)  # for the optimizer's lifetime: it is built for this one run
     guard = CollaborativeGuard(model, mastered=mastered_batches, refresh="epoch") if method.guard else None
     loss_fn = nlora_loss(selection.nlora_lambda, method.nlora) if method.nlora else None
     batches = injection_batches
     if method.replay:
         chunks = [injection[start : start + size] for start in range(0, len(injection), size)]
-        batches = ReplayBatches(tokenizer, chunks, mastered_ref, args.replay_per_batch, seed=args.seed)
+        batches = ReplayBatches(tokenizer, chunks, mastered_ref, args.replay_per_batch, seed=random_seed)
     return Built(model, optimizer, agem, guard, loss_fn, batches, setup)

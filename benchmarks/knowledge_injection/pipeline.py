@@ -17,20 +17,21 @@ from tqdm.auto import tqdm
 from peft_cpl.toolkit.evaluation import predict
 from peft_cpl.tuner import atomic
 
-from .data import make_split, quick_world, real_world
+from .analysis import chosen_run
+from .data import base_answers, make_split, quick_world, real_world
 from .methods import BY_NAME, COLLISION_METHODS
-from .report import git_commit, machine_description, plot_task, render, write_markdown
+from .render import load, render
+from .report import git_commit, machine_description, write_report
 from .runs import collision_run, counts, run_one
-from .scoring import best_points
 from .selection import select_once
-from .settings import estimate_minutes, mean_tokens, parse_args, task_settings
+from .settings import estimate_minutes, lr_grid, mean_tokens, parse_args, task_settings
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.render:
         report = render(args.render)
-        write_markdown(args.output_md, report, args.forgetting_budget)
+        write_report(args.output_md, report)
         print(f"Wrote {args.output_md} from {len(args.render)} saved report(s).")
         return report
     started = time.time()
@@ -40,33 +41,33 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(1)  # a tiny model gains nothing from threads, and loses a lot on a busy machine
     print("Building the model and data ...")
     world = quick_world(args) if args.quick else real_world(args, tasks)
+    grid = lr_grid(args, methods)
     report = {
         "command": " ".join(shlex.quote(part) for part in ["python", *sys.orig_argv[1:]]),
         "machine": machine_description(args.device), "model": world.description, "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M"), "settings": {k: str(v) for k, v in vars(args).items()},
         "methods": [method.name for method in methods], "tasks": {},
     }
-    lr_grids, estimates = {}, {}
+    estimates = {}
     for task in tasks:
-        lr_grids[task.name] = {
-            method.name: [args.lr_override.get(method.name, method.lr) * args.lr_scale * factor
-                          for factor in task.lr_factors]
-            for method in methods
-        }
         pool = world.items[task.name]
         tokens = mean_tokens(world.tokenizer, pool)
         estimates[task.name] = None if args.quick else estimate_minutes(args, task, len(pool), tokens, methods)
         estimate = "" if args.quick else f"; estimated {estimates[task.name]:.0f} min on 2 CPU cores"
-        print(f"[{task.name}] plan: {len(pool)} questions (~{tokens:.0f} tokens each); injection {task.injection} "
-              f"trained + {task.injection_held} held out, mastered {task.mastered} (half reference); "
-              f"{len(methods)} methods x {len(task.lr_factors)} lrs x {task.epochs} epochs{estimate}")
+        print(f"[{task.name}] plan: {len(pool)} questions (~{tokens:.0f} tokens each); per seed injection "
+              f"{task.injection} trained + {task.injection_held} held out, mastered {task.mastered} (half "
+              f"reference); seeds {args.seeds}; {len(methods)} methods x their lrs x {task.epochs} epochs, counted "
+              f"every {args.eval_every} steps{estimate}")
         for method in methods:
-            print(f"    {method.name:<15} {method.optimizer:<6} lr " + ", ".join(
-                f"{lr:.2g}" for lr in lr_grids[task.name][method.name]))
+            sweep = ", ".join(f"{lr:.2g}" for lr in grid[method.name])
+            print(f"    {method.name:<15} {method.optimizer:<6} lr {sweep}")
     if not args.quick:
         print(f"Estimated total: {sum(estimates.values()):.0f} min.")
     if args.plan_only:
         return report
+
+    earlier_report = load(args.output_json) if args.resume and args.output_json.is_file() else {}
+    previous, previous_methods = earlier_report.get("tasks", {}), earlier_report.get("methods", [])
 
     def save() -> None:
         atomic.write_text(args.output_json, json.dumps(report, indent=1))
@@ -74,53 +75,62 @@ def main(argv: list[str] | None = None) -> dict:
     for task in tasks:
         task_started = time.time()
         base = world.fresh_base()
-        print(f"[{task.name}] asking the base model {len(world.items[task.name])} questions ...")
-        split = make_split(args, world, task, base)
-        if len(split.mastered_ref) < 1 or len(split.injection) < 2:
-            print(f"[{task.name}] skipped: too few mastered ({len(split.mastered_ref)}) or injection items")
-            report["tasks"][task.name] = {"task": task.name, "skipped": split.info}
-            continue
-        baseline = counts(predict(base, world.tokenizer, split.eval_items, batch_size=args.eval_batch_size), split)
-        del base
-        print(f"[{task.name}] split: {split.sizes()}; base on eval sets: {baseline}")
-        print(f"[{task.name}] collaborative selection (M-ref vs trained injection items) ...")
-        selection = select_once(args, world, split)
-        summary = selection.report.summary()
-        lr_grid = lr_grids[task.name]
-        result = {
-            "task": task.name, "split": split.info, "sizes": split.sizes(), "baseline": baseline,
-            "ids": {key: [item["id"] for item in getattr(split, key)] for key in split.sizes()},
-            "selection": summary, "selection_seconds": selection.seconds, "nlora_lambda": selection.nlora_lambda,
-            "epochs": task.epochs, "lr_factors": task.lr_factors, "lr_grid": lr_grid,
-            "estimate_minutes": estimates[task.name], "runs": [], "collision": [],
-            "plot": f"{args.output_md.stem}_{task.name}.png",
-        }
+        print(f"[{task.name}] the base model's answers to {len(world.items[task.name])} questions ...")
+        mastered, injection, info = base_answers(args, world, task, base)
+        result = {"task": task.name, "split": info, "epochs": task.epochs, "eval_every": args.eval_every,
+                  "batch_size": args.batch_size, "lr_grid": grid, "estimate_minutes": estimates[task.name],
+                  "seeds": {}}
+        if task.name in previous:  # --resume: the earlier methods and their sweeps stay in the report
+            result["lr_grid"] = {**previous[task.name]["lr_grid"], **grid}
+            report["methods"] = list(dict.fromkeys([*previous_methods, *report["methods"]]))
         report["tasks"][task.name] = result
-        print(f"[{task.name}] {summary['collaborative_fraction']:.1%} collaborative, CPL density "
-              f"{selection.density:.3f}, cos(g_M, g_I) {summary['cosine']:+.3f}, N-LoRA lambda "
-              f"{selection.nlora_lambda:.3g} ({selection.seconds:.0f} s)")
-        plan = [(method, lr) for method in methods for lr in lr_grid[method.name]]
-        for method, lr in tqdm(plan, desc=f"{task.name} runs"):
-            result["runs"].append(run_one(args, world, task, split, selection, method, lr))
-            gc.collect()
-            save()
-        if not args.no_collision and task.name == "facts":
-            mastered_total = len(split.mastered_ref) + len(split.mastered_held)
-            for method in [m for m in methods if m.name in COLLISION_METHODS]:
-                under, best = best_points(result["runs"], method.name, args.forgetting_budget, mastered_total)
-                lr = (under or best)[0]["lr"]
-                print(f"[{task.name}] collision: {method.name} at lr {lr:.2g}, two tasks in sequence ...")
-                result["collision"].append(collision_run(args, world, task, split, selection, method, lr))
+        print(f"[{task.name}] {len(mastered)} mastered, {len(injection)} not; by relation: {info['relations']}")
+        for seed in args.seeds:
+            split = make_split(task, mastered, injection, info, seed)
+            if len(split.mastered_ref) < 1 or len(split.injection) < 2:
+                print(f"[{task.name}] seed {seed} skipped: too few mastered or injection items {split.sizes()}")
+                continue
+            baseline = counts(predict(base, world.tokenizer, split.eval_items, batch_size=args.eval_batch_size),
+                              split)
+            print(f"[{task.name}] seed {seed}: split {split.sizes()}; base on the watch sets: {baseline}; "
+                  "collaborative selection ...")
+            selection = select_once(args, world, split)
+            summary = selection.report.summary()
+            outcome = {
+                "seed": seed, "sizes": split.sizes(), "baseline": baseline,
+                "ids": {key: [item["id"] for item in getattr(split, key)] for key in split.sizes()},
+                "selection": summary, "selection_seconds": selection.seconds, "nlora_lambda": selection.nlora_lambda,
+                "runs": [], "collision": [],
+            }
+            earlier = previous.get(task.name, {}).get("seeds", {}).get(str(seed))
+            if earlier is not None and earlier["ids"] == outcome["ids"]:
+                outcome["runs"] = list(earlier["runs"])
+                print(f"[{task.name}] seed {seed}: {len(outcome['runs'])} runs kept from {args.output_json}")
+            result["seeds"][str(seed)] = outcome
+            print(f"[{task.name}] seed {seed}: {summary['collaborative_fraction']:.1%} collaborative, CPL density "
+                  f"{selection.density:.3f}, cos(g_M, g_I) {summary['cosine']:+.3f} ({selection.seconds:.0f} s)")
+            plan = [(method, lr) for method in methods for lr in grid[method.name]]
+            done = {(run["method"], run["lr"]) for run in outcome["runs"]}
+            plan = [(method, lr) for method, lr in plan if (method.name, lr) not in done]
+            for method, lr in tqdm(plan, desc=f"{task.name} seed {seed}"):
+                outcome["runs"].append(run_one(args, world, task, split, selection, method, lr, seed, baseline))
                 gc.collect()
                 save()
+            if args.collision and task.name == "facts" and seed == args.seeds[0]:
+                for method in [m for m in methods if m.name in COLLISION_METHODS]:
+                    runs = [run for run in outcome["runs"] if run["method"] == method.name]
+                    lr = chosen_run(runs, len(split.injection))["lr"]
+                    print(f"[{task.name}] collision: {method.name} at lr {lr:.2g}, two tasks in sequence ...")
+                    outcome["collision"].append(collision_run(args, world, task, split, selection, method, lr, seed))
+                    gc.collect()
+                    save()
+            outcome["finished"] = True
+            save()
+        del base
         result["elapsed_minutes"] = (time.time() - task_started) / 60
-        plot_task(args.output_md.parent / result["plot"], result)
         save()
     report["elapsed_minutes"] = (time.time() - started) / 60
     save()
-    write_markdown(args.output_md, {**report, "tasks": {k: v for k, v in report["tasks"].items() if "runs" in v}},
-                   args.forgetting_budget)
+    write_report(args.output_md, report)
     print(f"Wrote {args.output_md}, {args.output_json} and the plots ({report['elapsed_minutes']:.1f} min in all).")
     return report
-
-

@@ -1,200 +1,229 @@
-"""The report: markdown tables and plots from the saved JSON, so that separately run tasks can be joined (--render)."""
+"""The report: markdown tables and plots from the saved JSON, so that parts run separately can be joined (--render)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import platform
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import peft_cpl
 from peft_cpl.tuner import atomic
 
+from .analysis import LEVELS, METRICS, at_level, chosen_run, mean_ci, paired, seed_summary, verdict
 from .methods import METHODS
-from .scoring import best_points, matched_learning
 from .settings import ROOT
 
+BASELINES = ("full-adamw", "lora")
+SUMMARY_KEYS = [f"forgotten_out@{level:g}" for level in LEVELS] + ["forgotten_in@0.9", "area_forgotten_out",
+                                                                     "area_forgotten_in"]
+DIFF_KEYS = [f"forgotten_out@{level:g}" for level in LEVELS] + ["area_forgotten_out", "forgotten_in@0.9"]
+ANSWER_KEYS = ("forgotten_out@0.5", "forgotten_out@0.9", "area_forgotten_out")
 
-def markdown_task(result: dict, budget: float) -> list[str]:
-    split, sizes, runs = result["split"], result["sizes"], result["runs"]
-    n_i, n_ref, n_held, n_ih = (sizes["injection"], sizes["mastered_ref"], sizes["mastered_held"],
-                                sizes["injection_held"])
-    mastered_total = n_ref + n_held
-    lines = [f"## Task: {result['task']}", ""]
-    lines.append(f"- Split {split['split']}: of {split['pool']} questions, {split['mastered_available']} mastered and "
-                 f"{split['injection_available']} not; used: injection {n_i} trained + {n_ih} held out, mastered "
-                 f"{n_ref} reference (M-ref) + {n_held} held out (M-held).")
+
+def ci_cell(values: list[float], seeds: int) -> str:
+    """mean [95% CI], and how many seeds it rests on when fewer than all."""
+    if not values:
+        return "not reached"
+    mean, low, high = mean_ci(values)
+    text = f"{mean:.1f}" if low is None else f"{mean:.1f} [{low:.1f}, {high:.1f}]"
+    return text if len(values) == seeds else f"{text} (n={len(values)})"
+
+
+def summaries(task: dict) -> dict[str, dict[int, dict]]:
+    """method -> seed -> the summary of its chosen run on that seed."""
+    table: dict[str, dict[int, dict]] = {}
+    for seed, outcome in task["seeds"].items():
+        injection = outcome["sizes"]["injection"]
+        for method in dict.fromkeys(run["method"] for run in outcome["runs"]):
+            runs = [run for run in outcome["runs"] if run["method"] == method]
+            table.setdefault(method, {})[int(seed)] = seed_summary(chosen_run(runs, injection), injection)
+    return table
+
+
+def label(key: str) -> str:
+    metric, _, level = key.partition("@")
+    where = "out" if metric.endswith("out") else "in"
+    return f"area fgt {where} (0-90%)" if key.startswith("area") else f"fgt {where} @{float(level):.0%}"
+
+
+def describe(name: str, task: dict, seeds: list[str], methods: list[str]) -> list[str]:
+    sizes, split = task["seeds"][seeds[0]]["sizes"], task["split"]
+    lines = [f"## Task: {name}", "",
+             f"- Split {split['split']}: of {split['pool']} questions, {split['mastered_available']} mastered and "
+             f"{split['injection_available']} not. Each seed draws its own sets, evenly over the relations: "
+             f"injection {sizes['injection']} trained + {sizes['injection_held']} held out, mastered "
+             f"{sizes['mastered_ref']} reference (M-ref) + {sizes['mastered_held']} held out (M-held)."]
+    if "relations" in split:
+        lines.append("- Relations (mastered / not): " + ", ".join(
+            f"{rel} {c['mastered']}/{c['injection']}" for rel, c in split["relations"].items()) + ".")
     if "mastered_label_A_share" in split:
-        answers_a = f"the model answers A to {split['predicts_A_share']:.0%} of the pool; " if (
-            "predicts_A_share" in split) else ""
-        lines.append(f"- Letter bias: {answers_a}{split['mastered_label_A_share']:.0%} of the mastered questions have "
-                     f"gold answer A (pool: {split['pool_label_A_share']:.0%}). Where these shares are high, "
-                     "'mastered' means 'the gold letter is the one the model favours', and forgetting largely "
-                     "measures a shift of that letter preference, not lost knowledge.")
-    if "debiased_mastered" in split:
-        lines.append(f"- Debiased split of the same pool (right / wrong under all 4 option rotations): "
-                     f"{split['debiased_mastered']} mastered, {split['debiased_injection']} injection.")
-    base = result["baseline"]
-    lines.append(f"- Base model on the evaluation sets (same batches as every epoch): learned {base['learned']}, "
-                 f"forgotten {base['forgotten_in']} + {base['forgotten_out']}, held-out injection "
-                 f"{base['heldout_correct']} (non-zero values are padding-dependent borderline items).")
-    sel = result["selection"]
-    lines.append(f"- Selection at the base weights (M-ref vs trained I): {sel['collaborative_fraction']:.1%} of "
-                 f"linear-layer coordinates collaborative, {sel['conflicting_fraction']:.1%} conflicting, cos(g_M, "
-                 f"g_I) = {sel['cosine']:+.3f}; CPL trains {sel['support']:,} values (density "
-                 f"{sel['support_fraction']:.3f}, used for random / magnitude); {result['selection_seconds']:.0f} s, "
-                 "charged to each CPL run's time.")
-    estimate = "" if result["estimate_minutes"] is None else f"estimated {result['estimate_minutes']:.0f} min, "
-    lines.append(f"- N-LoRA lambda = {result['nlora_lambda']:.3g}; epochs {result['epochs']}, lr factors "
-                 f"{result['lr_factors']}; {estimate}took {result['elapsed_minutes']:.1f} min.")
-    lines += ["", f"### Best setting under the forgetting budget (forgotten in + out <= {budget:.0%} of |M| = "
-                  f"{math.floor(budget * mastered_total)} items) and unconstrained", "",
-              "| method | budget: lr | ep | learned | fgt in | fgt out | held-out I | unconstrained: lr | ep | "
-              "learned | fgt in | fgt out | held-out I | update off collab. set | trainable | train s | "
-              "peak RSS MiB (+ over start) |", "| --- |" + " ---: |" * 16]
-    methods = list(dict.fromkeys(run["method"] for run in runs))
-    for method in methods:
-        under, best = best_points(runs, method, budget, mastered_total)
-        cells = [method]
-        for point in (under, best):
-            if point is None:
-                cells += ["-"] * 6
-                continue
-            run, row = point
-            cells += [f"{run['lr']:.2g}", str(row["epoch"]), f"{row['learned']}/{n_i}",
-                      f"{row['forgotten_in']}/{n_ref}", f"{row['forgotten_out']}/{n_held}",
-                      f"{row['heldout_correct']}/{n_ih}"]
-        run = best[0]
-        cells += [f"{run['update_outside_collaborative']:.1%}", f"{run['trainable']:,}", f"{run['train_seconds']:.0f}",
-                  f"{run['peak_rss_mb']:.0f} (+{run['peak_rss_mb'] - run['start_rss_mb']:.0f})"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Trainable parameters, train time (excluding evaluation, including the one-off selection for CPL) "
-                  "and peak process RSS (sampled every 20 ms; in brackets the rise over the RSS at the start of the "
-                  "run, which holds the benchmark's own copies of base weights and supports) are those of the "
-                  "unconstrained-best run; 'update off collab. set' is the share of its sum dW^2 on linear-weight "
-                  "coordinates outside {g_M * g_I >= 0}. In-set forgetting is measured on M-ref, which replay trains "
-                  "on and A-GEM, the guard and CPL's selection use: out-of-set (M-held) is the like-for-like "
-                  "comparison.", ""]
-    targets = sorted({max(1, round(fraction * n_i)) for fraction in (0.25, 0.5, 0.75)})
-    lines += ["### Forgetting at matched learning (least forgotten in-set / out-of-set among points learning at "
-              "least k items)", "", "| method | " + " | ".join(f"k = {k}" for k in targets) + " |",
-              "| --- |" + " ---: |" * len(targets)]
-    for method in methods:
-        cells = []
-        for k in targets:
-            row = matched_learning(runs, method, k)
-            cells.append("not reached" if row is None else f"{row['forgotten_in']} / {row['forgotten_out']}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "### Sweep (every run; per epoch: learned / forgotten in-set / forgotten out-of-set / held-out I)",
-              "", "| method | optimizer | lr | per epoch | train s | eval s | extra |",
-              "| --- | --- | ---: | --- | ---: | ---: | --- |"]
-    for run in runs:
-        per_epoch = ", ".join(f"{r['learned']}/{r['forgotten_in']}/{r['forgotten_out']}/{r['heldout_correct']}"
-                              for r in run["epochs"])
-        extra = []
-        if "guard_revert_fraction" in run:
-            extra.append(f"guard reverted {run['guard_revert_fraction']:.1%}")
-        if "agem_projected_steps" in run:
-            extra.append(f"A-GEM projected {run['agem_projected_steps']} steps")
-        lines.append(f"| {run['method']} | {run['optimizer']} | {run['lr']:.2g} | {per_epoch} | "
-                     f"{run['train_seconds']:.0f} | {run['eval_seconds']:.0f} | {'; '.join(extra)} |")
-    if result.get("collision"):
-        taus = list(result["collision"][0]["collision"])
-        lines += ["", "### Collision between two injection tasks learned in sequence", "",
-                  "Trained items split in two tasks; task 1 trained and merged, then a fresh adapter trained on "
-                  "task 2 (CPL re-selects with task 1 added to M-ref; random draws a new support). Collision rate = "
-                  "share of linear-weight positions where both updates exceed tau * RMS(W); support overlap = exact "
-                  "share of positions in both supports.", "",
-                  "| method | lr | " + " | ".join(f"collision tau={tau}" for tau in taus)
-                  + " | support overlap | task 1 retained | task 2 learned | fgt in | fgt out |",
-                  "| --- | ---: |" + " ---: |" * (len(taus) + 5)]
-        for entry in result["collision"]:
-            overlap = f"{entry['support_overlap']:.2%}" if "support_overlap" in entry else "-"
-            first, second = entry["task_sizes"]
-            lines.append(f"| {entry['method']} | {entry['lr']:.2g} | "
-                         + " | ".join(f"{entry['collision'][tau]:.2%}" for tau in taus)
-                         + f" | {overlap} | {entry['task1_retained']}/{first} | {entry['task2_learned']}/{second} | "
-                         f"{entry['forgotten_in']}/{n_ref} | {entry['forgotten_out']}/{n_held} |")
-    lines += ["", f"![learned vs forgotten, {result['task']}]({result['plot']})", ""]
+        lines.append(f"- Letter bias: {split['mastered_label_A_share']:.0%} of the mastered questions have gold "
+                     f"answer A (pool: {split['pool_label_A_share']:.0%}).")
+    unfinished = [seed for seed in seeds if not task["seeds"][seed].get("finished")]
+    lines.append(f"- Seeds: {', '.join(seeds)} ({len(seeds)}); each run: {task['epochs']} epochs at batch "
+                 f"{task['batch_size']}, the watch sets counted every {task['eval_every']} steps"
+                 + (f"; seeds {', '.join(unfinished)} were stopped part-way (their finished runs are used)"
+                    if unfinished else "") + ".")
+    lines.append("- Selection at the base weights, per seed: " + "; ".join(
+        f"seed {seed}: {task['seeds'][seed]['selection']['collaborative_fraction']:.1%} collaborative, CPL density "
+        f"{task['seeds'][seed]['selection']['support_fraction']:.3f}" for seed in seeds) + ".")
+    lines.append("- Sweeps (fixed before any result): " + "; ".join(
+        f"{method} " + ", ".join(f"{lr:.2g}" for lr in lrs) for method, lrs in task["lr_grid"].items()
+        if method in methods) + ".")
     return lines
 
 
-REPORT_KEYS = {"command", "machine", "model", "commit", "date", "methods", "tasks"}
+def markdown_task(name: str, task: dict) -> list[str]:
+    seeds = sorted(task["seeds"], key=int)
+    sizes = task["seeds"][seeds[0]]["sizes"]
+    table = summaries(task)
+    methods = list(table)
+    n = len(seeds)
+    lines = describe(name, task, seeds, methods)
+    lines += ["", "### Each method at its chosen learning rate", "",
+              "Rule, the same for every method and fixed in advance: per seed, among the lrs whose run reaches 90% "
+              "learned, the one forgetting least out of set there (then in set, then the smaller lr); otherwise the "
+              f"run that learned most. Cells: forgotten items (out = of {sizes['mastered_held']} M-held, in = of "
+              f"{sizes['mastered_ref']} M-ref) where the run first reaches 50 / 75 / 90% of the "
+              f"{sizes['injection']} trained items, interpolated between counts; the area is the mean forgotten "
+              "count over learned levels 0-90%. Mean over seeds [95% percentile-bootstrap CI]; n = seeds that "
+              "reached the level, when fewer than all.", "",
+              "| method | lr per seed | reached 90% | " + " | ".join(label(key) for key in SUMMARY_KEYS) + " |",
+              "| --- | --- | ---: |" + " ---: |" * len(SUMMARY_KEYS)]
+    for method in methods:
+        per_seed = table[method]
+        reached = sum(summary["forgotten_out@0.9"] is not None for summary in per_seed.values())
+        cells = [method, ", ".join(f"{per_seed[seed]['lr']:.2g}" for seed in sorted(per_seed)),
+                 f"{reached}/{len(per_seed)}"]
+        cells += [ci_cell([s[key] for s in per_seed.values() if s[key] is not None], len(per_seed))
+                  for key in SUMMARY_KEYS]
+        lines.append("| " + " | ".join(cells) + " |")
+    answers = []
+    for baseline in [name for name in BASELINES if name in table]:
+        lines += ["", f"### Paired difference to {baseline} (method minus {baseline} on the same seed; negative = "
+                      "forgets less)", "", "| method | " + " | ".join(label(key) for key in DIFF_KEYS) + " |",
+                  "| --- |" + " ---: |" * len(DIFF_KEYS)]
+        for method in [name for name in methods if name != baseline]:
+            cells = [method]
+            for key in DIFF_KEYS:
+                differences = paired({seed: s[key] for seed, s in table[method].items()},
+                                     {seed: s[key] for seed, s in table[baseline].items()})
+                cells.append(ci_cell(differences, n))
+                if key in ANSWER_KEYS and differences:
+                    answers.append((method, baseline, key, len(differences), *mean_ci(differences)))
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "### In plain words", ""]
+    if n < 5:
+        lines.append(f"- **Screening only: {n} seed(s).** A percentile bootstrap over so few seeds understates the "
+                     "uncertainty; nothing below is a confident verdict before the 5-seed confirmation.")
+    for method, baseline, key, count, mean, low, high in answers:
+        span = "" if low is None else f" (95% CI [{low:+.1f}, {high:+.1f}], {count} seeds)"
+        lines.append(f"- {method} vs {baseline}, {label(key)}: {mean:+.1f} items{span}: {verdict(low, high)}.")
+    lines += ["", f"![forgotten vs learned, {name}]({task['plot']})", ""]
+    return lines + every_run(task, seeds)
 
 
-def render(paths: list[Path]) -> dict:
-    """One report from several saved ones, so tasks run as separate jobs still give one table."""
-    reports = []
-    for path in paths:
-        try:
-            reports.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as error:
-            raise SystemExit(f"--render: cannot read {path} as a report of this script ({error})") from None
-        missing = REPORT_KEYS - set(reports[-1]) if isinstance(reports[-1], dict) else REPORT_KEYS
-        if missing:
-            raise SystemExit(f"--render: {path} is JSON but not a report of this script (no {sorted(missing)})")
-    merged = {key: "; ".join(dict.fromkeys(str(report[key]) for report in reports))
-              for key in ("command", "machine", "model", "commit", "date")}
-    merged["methods"] = list(dict.fromkeys(name for report in reports for name in report["methods"]))
-    merged["tasks"] = {}
-    for path, report in zip(paths, reports):
-        for name, task in report["tasks"].items():
-            if "elapsed_minutes" in task:  # finished; a run that was stopped part-way leaves a partial task
-                merged["tasks"][name] = task
-            elif "runs" in task:
-                print(f"{path}: task {name} did not finish ({len(task['runs'])} runs); left out")
-    if not merged["tasks"]:
-        raise SystemExit("--render: no finished task in these reports; nothing written")
-    return merged
+def every_run(task: dict, seeds: list[str]) -> list[str]:
+    lines = ["### Every run", "", "Curve points: step: learned / forgotten in / forgotten out / held-out I.", "",
+             "| seed | method | lr | curve | train s | eval s | extra |",
+             "| ---: | --- | ---: | --- | ---: | ---: | --- |"]
+    for seed in seeds:
+        for run in task["seeds"][seed]["runs"]:
+            curve = ", ".join(f"{p['step']}: {p['learned']}/{p['forgotten_in']}/{p['forgotten_out']}/"
+                              f"{p['heldout_correct']}" for p in run["curve"])
+            extra = []
+            if "guard_revert_fraction" in run:
+                extra.append(f"guard reverted {run['guard_revert_fraction']:.1%}")
+            if "agem_projected_steps" in run:
+                extra.append(f"A-GEM projected {run['agem_projected_steps']} steps")
+            extra.append(f"update off collab. set {run['update_outside_collaborative']:.1%}")
+            lines.append(f"| {seed} | {run['method']} | {run['lr']:.2g} | {curve} | {run['train_seconds']:.0f} | "
+                         f"{run['eval_seconds']:.0f} | {'; '.join(extra)} |")
+    collision = task["seeds"][seeds[0]].get("collision")
+    if collision:
+        taus = list(collision[0]["collision"])
+        lines += ["", f"### Collision between two injection tasks learned in sequence (seed {seeds[0]})", "",
+                  "| method | lr | " + " | ".join(f"collision tau={tau}" for tau in taus)
+                  + " | support overlap | task 1 retained | task 2 learned | fgt in | fgt out |",
+                  "| --- | ---: |" + " ---: |" * (len(taus) + 5)]
+        for entry in collision:
+            overlap = f"{entry['support_overlap']:.2%}" if "support_overlap" in entry else "-"
+            one, two = entry["task_sizes"]
+            lines.append(f"| {entry['method']} | {entry['lr']:.2g} | "
+                         + " | ".join(f"{entry['collision'][tau]:.2%}" for tau in taus)
+                         + f" | {overlap} | {entry['task1_retained']}/{one} | {entry['task2_learned']}/{two} | "
+                         f"{entry['forgotten_in']} | {entry['forgotten_out']} |")
+    return lines + [""]
 
 
-def write_markdown(path: Path, report: dict, budget: float) -> None:
-    lines = ["# Knowledge injection: learned vs forgotten", "",
+def write_report(path: Path, report: dict) -> None:
+    """The markdown and one plot per task, next to it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# Knowledge injection: learned vs forgotten, over seeds", "",
              f"- Command: `{report['command']}`",
              f"- Machine: {report['machine']}",
              f"- Model: {report['model']}; commit {report['commit']}; {report['date']}",
              "- Methods: " + "; ".join(f"**{m.name}** {m.about} ({m.optimizer})" for m in METHODS
                                       if m.name in report["methods"]), ""]
-    for result in report["tasks"].values():
-        lines += markdown_task(result, budget)
+    for name, task in report["tasks"].items():
+        if not any(outcome["runs"] for outcome in task["seeds"].values()):
+            continue
+        task["plot"] = f"{path.stem}_{name}.png"
+        plot_task(path.parent / task["plot"], name, task)
+        lines += markdown_task(name, task)
     atomic.write_text(path, "\n".join(lines) + "\n")
 
 
-def plot_task(path: Path, result: dict) -> None:
+def chosen_curves(task: dict, method: str) -> list[tuple[dict, int]]:
+    chosen = []
+    for outcome in task["seeds"].values():
+        runs = [run for run in outcome["runs"] if run["method"] == method]
+        if runs:
+            chosen.append((chosen_run(runs, outcome["sizes"]["injection"]), outcome["sizes"]["injection"]))
+    return chosen
+
+
+def plot_task(path: Path, name: str, task: dict) -> None:
+    """Mean forgotten vs learned over seeds (each seed's chosen run), with its 95% bootstrap band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes, runs = result["sizes"], result["runs"]
-    methods = list(dict.fromkeys(run["method"] for run in runs))
-    palette = [plt.get_cmap("tab10")(index) for index in range(10)] + ["black", "gold", "teal", "navy"]
-    colors = {name: palette[index % len(palette)] for index, name in enumerate(methods)}
-    markers = "osD^v<>"
-    figure, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharex=True)
-    base = result["baseline"]
-    for axis, key, total, title in ((axes[0], "forgotten_in", sizes["mastered_ref"], "in-set (M-ref)"),
-                                    (axes[1], "forgotten_out", sizes["mastered_held"], "out-of-set (M-held)")):
-        for run in runs:
-            factor_index = result["lr_grid"][run["method"]].index(run["lr"])
-            xs = [base["learned"]] + [row["learned"] for row in run["epochs"]]
-            ys = [base[key]] + [row[key] for row in run["epochs"]]
-            axis.plot([x / max(sizes["injection"], 1) for x in xs], [y / max(total, 1) for y in ys],
-                      color=colors[run["method"]], marker=markers[factor_index % len(markers)], markersize=4,
-                      linewidth=1, alpha=0.85, label=run["method"] if factor_index == 0 else None)
-        axis.set_title(f"{result['task']}: forgotten {title}")
-        axis.set_xlabel(f"learned (fraction of {sizes['injection']} injection items)")
-        axis.set_ylabel(f"forgotten (fraction of {total})")
+    levels = np.linspace(0.0, 1.0, 41)
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharex=True)
+    colors = plt.get_cmap("tab10")
+    for index, method in enumerate(summaries(task)):
+        chosen = chosen_curves(task, method)
+        for axis, metric in zip(axes, METRICS):
+            xs, means, lows, highs = [], [], [], []
+            for level in levels:
+                values = [point[metric] for run, injection in chosen
+                          if (point := at_level(run["curve"], level * injection)) is not None]
+                if len(values) < max(1, (len(chosen) + 1) // 2):  # drawn while at least half the seeds reach it
+                    break
+                mean, low, high = mean_ci(values)
+                xs.append(level)
+                means.append(mean)
+                lows.append(mean if low is None else low)
+                highs.append(mean if high is None else high)
+            color = colors(index % 10)
+            axis.plot(xs, means, color=color, label=method, linewidth=1.5, linestyle="-" if index < 10 else "--")
+            axis.fill_between(xs, lows, highs, color=color, alpha=0.12)
+    sizes = next(iter(task["seeds"].values()))["sizes"]
+    for axis, metric in zip(axes, METRICS):
+        out = metric.endswith("out")
+        axis.set_title(f"{name}: forgotten {'out of set (M-held)' if out else 'in set (M-ref)'}, "
+                       f"{len(task['seeds'])} seeds, mean and 95% CI")
+        axis.set_xlabel(f"learned (fraction of {sizes['injection']} trained injection items)")
+        axis.set_ylabel(f"forgotten (items of {sizes['mastered_held' if out else 'mastered_ref']})")
         axis.grid(alpha=0.3)
-    factors = ", ".join(f"x{factor:g} {markers[index % len(markers)]}" for index, factor in
-                        enumerate(result["lr_factors"]))
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title=f"marker = lr: {factors}",
-                   title_fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

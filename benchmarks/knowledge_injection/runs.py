@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import threading
 import time
@@ -89,33 +90,52 @@ def outside_collaborative_share(deltas: dict[str, torch.Tensor], collaborative: 
 
 
 def run_one(args: argparse.Namespace, world: World, task: TaskSettings, split: Split, selection: Selection,
-            method: Method, lr: float) -> dict:
-    record: dict = {"method": method.name, "lr": lr, "optimizer": method.optimizer, "epochs": []}
+            method: Method, lr: float, seed: int, baseline: dict) -> dict:
+    """Train a fresh base with `method` at `lr`; the watch sets are counted every --eval-every steps (the curve)."""
+    record: dict = {"method": method.name, "lr": lr, "seed": seed, "optimizer": method.optimizer,
+                    "curve": [{"step": 0, **baseline}]}
     eval_seconds = 0.0
+    steps_per_epoch = math.ceil(len(split.injection) / args.batch_size)
+    last_step = task.epochs * steps_per_epoch
     with PeakMemory() as memory:
-        started = time.perf_counter()
         built = build(args, world.tokenizer, method, lr, world.fresh_base(), split.injection, split.mastered_ref,
-                      selection, cached_support=True, random_seed=args.seed)
+                      selection, cached_support=True, random_seed=seed)
+        started, charged = time.perf_counter(), built.setup_seconds  # the selection, once, whether cached or not
         model = built.model
         record["trainable"] = sum(param.numel() for param in model.parameters() if param.requires_grad)
 
-        def evaluate(epoch: int) -> None:
+        def evaluate(step: int) -> None:
             nonlocal eval_seconds
+            if step % args.eval_every and step != last_step:
+                return
             begin = time.perf_counter()
             correct = predict(model, world.tokenizer, split.eval_items, batch_size=args.eval_batch_size)
             eval_seconds += time.perf_counter() - begin
-            row = {"epoch": epoch + 1, **counts(correct, split)}
-            record["epochs"].append(row)
-            tqdm.write(f"  {task.name} {method.name:<15} lr {lr:.2g} epoch {row['epoch']}: learned {row['learned']}"
-                       f"/{len(split.injection)}, forgotten {row['forgotten_in']}/{len(split.mastered_ref)} in-set, "
-                       f"{row['forgotten_out']}/{len(split.mastered_held)} out-of-set, held-out injection "
-                       f"{row['heldout_correct']}/{len(split.injection_held)}")
+            row = {"step": step, **counts(correct, split)}
+            record["curve"].append(row)
+            tqdm.write(f"  seed {seed} {task.name} {method.name:<13} lr {lr:.2g} step {step:>3}: learned "
+                       f"{row['learned']}/{len(split.injection)}, forgotten {row['forgotten_in']}/"
+                       f"{len(split.mastered_ref)} in-set, {row['forgotten_out']}/{len(split.mastered_held)} "
+                       f"out-of-set, held-out injection {row['heldout_correct']}/{len(split.injection_held)}")
 
-        losses = train(model, built.batches, epochs=task.epochs, optimizer=built.optimizer, guard=built.guard,
-                       loss_fn=built.loss_fn, seed=args.seed, on_epoch_end=evaluate, progress=False)
-        record["train_seconds"] = time.perf_counter() - started - eval_seconds + built.setup_seconds
-    for row, loss in zip(record["epochs"], losses):
-        row["loss"] = loss
+        if not method.reselect:
+            record["losses"] = train(model, built.batches, epochs=task.epochs, optimizer=built.optimizer,
+                                     guard=built.guard, loss_fn=built.loss_fn, seed=seed, on_step_end=evaluate,
+                                     progress=False)
+        else:  # one epoch at a time (same order as above: epoch e shuffles with seed + e), then merge and select again
+            record["losses"], setup = [], built.setup_seconds
+            for epoch in range(task.epochs):
+                if epoch:
+                    built = build(args, world.tokenizer, method, lr, model.merge_and_unload(), split.injection,
+                                  split.mastered_ref, selection, cached_support=False, random_seed=seed)
+                    model, setup = built.model, setup + built.setup_seconds
+                offset = epoch * steps_per_epoch
+                record["losses"] += train(model, built.batches, epochs=1, optimizer=built.optimizer,
+                                          guard=built.guard, loss_fn=built.loss_fn, seed=seed + epoch,
+                                          on_step_end=lambda step, offset=offset: evaluate(step + offset),
+                                          progress=False)
+            built.setup_seconds = setup
+        record["train_seconds"] = time.perf_counter() - started - eval_seconds + charged
     record.update(eval_seconds=eval_seconds, selection_seconds_included=built.setup_seconds,
                   peak_rss_mb=memory.peak_mb, start_rss_mb=memory.start_mb, peak_gpu_mb=memory.gpu_peak_mb)
     if built.guard is not None:
@@ -128,7 +148,7 @@ def run_one(args: argparse.Namespace, world: World, task: TaskSettings, split: S
 
 
 def collision_run(args: argparse.Namespace, world: World, task: TaskSettings, split: Split, selection: Selection,
-                  method: Method, lr: float) -> dict:
+                  method: Method, lr: float, seed: int) -> dict:
     """Two injection tasks learned in sequence (task 1 merged, then a fresh adapter for task 2); their collision."""
     half = len(split.injection) // 2
     first, second = split.injection[:half], split.injection[half:]
@@ -138,11 +158,11 @@ def collision_run(args: argparse.Namespace, world: World, task: TaskSettings, sp
     stages = ((first, split.mastered_ref), (second, split.mastered_ref + first))  # task 1 is known once learned
     for index, (task_items, mastered) in enumerate(stages):
         built = build(args, world.tokenizer, method, lr, model, task_items, mastered, selection, cached_support=False,
-                      random_seed=args.seed + index)
+                      random_seed=seed + index)
         if method.kind == "cpl":
             supports.append({name: s.indices for name, s in export_support(built.model).supports.items()})
         train(built.model, built.batches, epochs=task.epochs, optimizer=built.optimizer, guard=built.guard,
-              loss_fn=built.loss_fn, seed=args.seed, progress=False)
+              loss_fn=built.loss_fn, seed=seed, progress=False)
         model, delta = merged_deltas(built.model, reference)
         deltas.append(delta)
         reference = weights(model, list(reference))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft import get_peft_model
@@ -25,6 +25,7 @@ class Selection:
     density: float  # CPL's support fraction: the density of the random / magnitude supports
     nlora_lambda: float
     base_weights: dict[str, torch.Tensor]  # copies of the weights "all-linear" targets, by name in the base model
+    variants: dict[tuple, tuple[AdapterSupport, float]] = field(default_factory=dict)  # levers' supports, seconds
 
 
 def select_once(args: argparse.Namespace, world: World, split: Split) -> Selection:

@@ -12,6 +12,7 @@ hyper-parameters continue the same run, and only the number of epochs may grow.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -99,9 +100,9 @@ def save(folder: str | os.PathLike, *, model, optimizer, guard, state: dict) -> 
         checkpoint.mkdir()
         try:
             torch.save(optimizer.state_dict(), checkpoint / OPTIMIZER_FILE)
-        except RuntimeError as error:  # torch reports a short write as "unexpected pos ..."
-            raise OSError(f"could not write {checkpoint / OPTIMIZER_FILE} ({str(error).splitlines()[0]}): is the "
-                          "disk full?") from None
+        except RuntimeError as error:  # torch reports a short write, in practice a full disk, as "unexpected pos"
+            raise OSError(errno.ENOSPC, f"short write ({str(error).splitlines()[0]})",
+                          str(checkpoint / OPTIMIZER_FILE)) from None
         if guard is not None:
             save_guard_state(guard, checkpoint / GUARD_STATE_FILE)
         write_text(checkpoint / STATE_FILE, json.dumps(state, indent=1))

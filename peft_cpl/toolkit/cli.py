@@ -9,15 +9,16 @@ temporary folder next to its target and renamed into place, and an existing one 
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import importlib
 import signal
 import sys
 import textwrap
-import warnings
 from collections.abc import Sequence
 
 # Only light modules here: the arguments are parsed (and --help printed) before torch or peft is imported.
+from .._quiet import quiet_programs
 from .data import ITEM_FORMATS, MATCHES
 from .models import DEFAULT_MODEL
 
@@ -268,6 +269,16 @@ def _file_error(error: OSError) -> str:
     return f"{names}: {error.strerror}"
 
 
+def _environment_error(error: Exception, output: str | None) -> str:
+    """One line for a fault of the machine; a full disk says so, whichever library met it (torch, safetensors)."""
+    text = _file_error(error) if isinstance(error, OSError) else str(error)
+    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in text or "disk full" in text
+    if full:
+        where = f" for {output}" if output else ""
+        text += f" (the disk is full: free space{where}, or write the output elsewhere; nothing was written)"
+    return text
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the program is so that every staged output is cleaned up on the way out."""
 
@@ -279,7 +290,7 @@ def _raise_terminated(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for the reports that record it
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # not ours
+    quiet_programs()
     from safetensors import SafetensorError
     from transformers.utils import logging as transformers_logging
 
@@ -301,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, SafetensorError) as error:  # the environment: a file that cannot be found, read or written
         if args.debug:
             raise
-        print(f"error: {_file_error(error) if isinstance(error, OSError) else error}", file=sys.stderr)
+        print(f"error: {_environment_error(error, getattr(args, 'output', None))}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as stop:
         if args.debug:

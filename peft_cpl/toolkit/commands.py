@@ -128,6 +128,8 @@ def cmd_select(args: argparse.Namespace) -> None:
     mastered, injection = read_items(args.mastered), read_items(args.injection)
     processes.start()  # under accelerate launch: each rank reads its share of the batches, the sums are reduced
     base, tokenizer = load_model(args.model, _quantize(args))
+    mastered = within_context(base, tokenizer, mastered, "prefix", 0, args.mastered)  # training-length items only
+    injection = within_context(base, tokenizer, injection, "prefix", 0, args.injection)
     config = CPLConfig(
         target_modules=_target_modules(args.target_modules),
         exclude_modules=_target_modules(args.exclude_modules) if args.exclude_modules else None,
@@ -204,6 +206,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     processes.start()  # under accelerate launch: each rank takes its share of every batch (loop.train)
     base, tokenizer = load_model(settings["model"], settings["quantize"])
+    injection = within_context(base, tokenizer, injection, "prefix", 0, settings["injection"])
+    if mastered is not None:
+        mastered = within_context(base, tokenizer, mastered, "prefix", 0, settings["mastered"])
     model = load_adapter(base, output if saved else settings["adapter"], trainable=True)
     batches = make_batches(tokenizer, injection, settings["batch_size"], seed=settings["seed"])
     guard = None
@@ -227,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         processes.say(f"epoch {epoch}/{args.epochs}: adapter and checkpoint written to {output}")
 
     processes.say(f"training {len(injection)} items, epochs {start + 1}-{args.epochs}, {settings['optimizer']} "
-          f"lr {settings['lr']}{' with the guard' if guard else ''}")
+                  f"lr {settings['lr']}{' with the guard' if guard else ''}")
     losses = train(
         model, batches, epochs=args.epochs - start, optimizer=optimizer, guard=guard, seed=settings["seed"] + start,
         on_epoch_end=save_checkpoint,

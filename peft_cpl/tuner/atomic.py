@@ -55,6 +55,9 @@ def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the folder it becomes gets the user's umask
         yield staging
+        for path in staging.rglob("*"):  # every file in it is new; some writers (safetensors) make theirs 0600
+            if not path.is_symlink():
+                os.chmod(path, 0o777 & ~_umask() if path.is_dir() else _new_file_mode())
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         if target.exists():
             target.rename(old)
