@@ -22,6 +22,9 @@ if TYPE_CHECKING:  # selection.py needs the splits, which need the settings, whi
     from .selection import Selection
 
 
+PAPER_SUPPORT = (None, "element", "injection")  # every collaborative coordinate: the support chosen once per seed
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -124,7 +127,7 @@ def build(args: argparse.Namespace, tokenizer, method: Method, lr: float, base: 
         model = get_peft_model(base, config)
         if method.support == "collaborative":
             key = method.support_key
-            if cached_support and key == Method("", "", "", (), "").support_key:
+            if cached_support and key == PAPER_SUPPORT:
                 restore_support(model, selection.support)
                 setup = selection.seconds
             elif cached_support and key in selection.variants:
