@@ -125,3 +125,32 @@ def test_debiased_split(tokenizer):
     mastered, injection = debiased_split(model, tokenizer, [known, unknown])
     assert [item["id"] for item in mastered] == ["m0"]
     assert [item["id"] for item in injection] == ["m1"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_shared_prefix_cache_gives_the_verdicts_of_whole_forwards(tokenizer, monkeypatch, batch_size):
+    """The prompts' common start is run once and its key/value cache reused; verdicts must not change for that."""
+    from peft_cpl.toolkit import evaluation
+
+    model = memorised_model(tokenizer, FACTS[:5] + FACTS[-1:], steps=40)
+    shared = evaluation.shared_prefix_length([encode(tokenizer, item) for item in FACTS])
+    assert shared >= 1  # the template's start is common to every prompt
+    monkeypatch.setattr(evaluation, "SHARED_PREFIX_MIN", 1)
+    cached = predict(model, tokenizer, FACTS, batch_size=batch_size)
+    monkeypatch.setattr(evaluation, "SHARED_PREFIX_MIN", 10**6)
+    whole = predict(model, tokenizer, FACTS, batch_size=batch_size)
+    assert cached == whole and list(cached) == [item["id"] for item in FACTS]  # same verdicts, items' order
+    assert 0 < sum(cached.values()) < len(FACTS)  # some right, some wrong: the comparison can fail
+    monkeypatch.setattr(evaluation, "SHARED_PREFIX_MIN", 1)
+    model.eval()
+    with torch.no_grad():  # the logits themselves are those of one unpadded forward per item
+        for _item, example, logits in evaluation.target_logits(model, tokenizer, FACTS, batch_size):
+            whole = model(input_ids=torch.tensor([example.input_ids])).logits[0, example.target_start - 1 : -1]
+            torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_prefix_stops_before_the_first_target(tokenizer):
+    from peft_cpl.toolkit import evaluation
+
+    encoded = [encode(tokenizer, FACTS[0]), encode(tokenizer, FACTS[0])]  # identical items: all tokens shared
+    assert evaluation.shared_prefix_length(encoded) == encoded[0].target_start - 1

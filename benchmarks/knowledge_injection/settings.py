@@ -19,7 +19,7 @@ from .methods import BY_NAME, DEFAULT_METHODS, Method
 ROOT = Path(__file__).resolve().parents[2]
 
 # Measured on the project's machine (2 CPU cores, SmolLM2-135M, fp32), used only to print a time estimate:
-EVAL_SECONDS_PER_TOKEN = 12.0 / (184 * 47)  # predict: 12 s for 184 items of ~47 tokens at batch 32
+EVAL_SECONDS_PER_TOKEN = 6.5 / (184 * 49)  # predict: 6.5 s for 184 items of ~49 tokens at batch 32 (shared prefix)
 TRAIN_SECONDS_PER_TOKEN = 3.0 / (8 * 50)  # one fwd+bwd+step at batch 8 of ~50 tokens: ~3 s (selection: the same)
 SUPPORT_SETUP_SECONDS = {"random": 15.0, "magnitude": 3.0}  # building the support when the adapter is created
 CPL_STEP_FACTOR = 1.4  # a CPL step (sparse delta on ~60% of the linear weights) against a full AdamW step

@@ -16,6 +16,7 @@ Training uses the same encoding (batches.py), with the loss on the target tokens
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,53 +47,104 @@ def predict(
     return {item["id"]: by_generation[item["id"]] if item["id"] in taken else forced[item["id"]] for item in items}
 
 
+SHARED_PREFIX_MIN = 8  # tokens; below this, one forward pass of the prefix costs more than it saves
+
+
+def shared_prefix_length(encoded: Sequence) -> int:
+    """How many leading tokens every item shares (the chat template's system turn), short of each item's targets.
+
+    The token before the first target must stay outside the prefix: its logits predict that target.
+    """
+    first = encoded[0].input_ids
+    length = min(example.target_start for example in encoded) - 1
+    for example in encoded[1:]:
+        ids = example.input_ids
+        length = next((j for j in range(length) if ids[j] != first[j]), length)
+    return max(length, 0)
+
+
+def _prefix_cache(model: nn.Module, prefix: list[int], device: torch.device) -> tuple[str, object] | None:
+    """(the forward keyword it goes back in, the key/value cache of the shared prefix at batch 1), or None when the
+    prefix is short or the model returns no cache. Transformers renamed `past_key_values` to `cache` within 5.x."""
+    if len(prefix) < SHARED_PREFIX_MIN:
+        return None
+    output = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+    for keyword in ("cache", "past_key_values"):
+        cache = getattr(output, keyword, None)
+        if hasattr(cache, "batch_repeat_interleave"):
+            return keyword, cache
+    return None
+
+
 @torch.no_grad()
-def _teacher_forced(model: nn.Module, tokenizer, items: Sequence[dict], batch_size: int) -> dict[str, bool]:
-    """The letter rule and the prefix rule: one forward pass per batch.
+def target_logits(model: nn.Module, tokenizer, items: Sequence[dict], batch_size: int):
+    """Yields (item, its encoding, the logits that predict its target tokens), one forward pass per batch.
 
     Batches are left-padded (with matching position ids) so that every target sits at the end of its row and only the
     last few positions' logits are computed (`logits_to_keep`): a vocabulary-sized projection of every token would
-    dominate the cost otherwise.
+    dominate the cost otherwise. Items go in order of length (less padding), and the prefix every prompt shares (the
+    chat template's system turn, about half of a short fact's tokens) is run once and its key/value cache reused.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
+    if not items:
+        return
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
+    encoded = [encode(tokenizer, item) for item in items]
+    shared = shared_prefix_length(encoded)
+    prefix = _prefix_cache(model, encoded[0].input_ids[:shared], device)
+    shared = shared if prefix is not None else 0
+    order = sorted(range(len(items)), key=lambda index: len(encoded[index].input_ids))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        suffixes = [encoded[index].input_ids[shared:] for index in rows]
+        width = max(len(ids) for ids in suffixes)
+        keep = max(len(encoded[index].input_ids) - encoded[index].target_start for index in rows) + 1
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, ids in enumerate(suffixes):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        position_ids = shared + (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        extra = {}
+        if prefix is not None:
+            keyword, cache = prefix
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(len(rows))
+            attention_mask = torch.cat([torch.ones((len(rows), shared), dtype=torch.long), attention_mask], 1)
+            extra = {keyword: batch_cache, "use_cache": True}
+        logits = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            logits_to_keep=keep,
+            **extra,
+        ).logits
+        for row, index in enumerate(rows):
+            example = encoded[index]
+            targets = len(example.input_ids) - example.target_start
+            # logits[:, j] predicts the token keep - 1 - j places before the row's end; the targets end the row
+            yield items[index], example, logits[row, keep - 1 - targets : keep - 1]
+
+
+def _teacher_forced(model: nn.Module, tokenizer, items: Sequence[dict], batch_size: int) -> dict[str, bool]:
+    """The letter rule and the prefix rule (eval mode), in the order of `items`."""
+    was_training = model.training
+    model.eval()
     letters = None
     correct: dict[str, bool] = {}
     try:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            encoded = [encode(tokenizer, item) for item in chunk]
-            width = max(len(e.input_ids) for e in encoded)
-            keep = max(len(e.input_ids) - e.target_start for e in encoded) + 1
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, example in enumerate(encoded):
-                input_ids[row, width - len(example.input_ids) :] = torch.tensor(example.input_ids)
-                attention_mask[row, width - len(example.input_ids) :] = 1
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                position_ids=position_ids.to(device),
-                logits_to_keep=keep,
-            ).logits
-            for row, (item, example) in enumerate(zip(chunk, encoded)):
-                targets = torch.tensor(example.input_ids[example.target_start :], device=logits.device)
-                # logits[:, j] predicts token width - keep + j + 1; the targets are the last len(targets) tokens
-                predicting = logits[row, keep - 1 - len(targets) : keep - 1]
-                if item_kind(item) == "mcq":
-                    letters = letters or letter_token_ids(tokenizer)
-                    choice = int(predicting[0, letters].argmax())
-                    correct[item["id"]] = LETTERS[choice] == item["label"]
-                else:
-                    correct[item["id"]] = bool(torch.equal(predicting.argmax(dim=-1), targets))
+        for item, example, predicting in target_logits(model, tokenizer, items, batch_size):
+            if item_kind(item) == "mcq":
+                letters = letters or letter_token_ids(tokenizer)
+                correct[item["id"]] = LETTERS[int(predicting[0, letters].argmax())] == item["label"]
+            else:
+                targets = torch.tensor(example.input_ids[example.target_start :], device=predicting.device)
+                correct[item["id"]] = bool(torch.equal(predicting.argmax(dim=-1), targets))
     finally:
         model.train(was_training)
-    return correct
+    return {item["id"]: correct[item["id"]] for item in items}
 
 
 def split_by_correctness(correct: dict[str, bool], items: Sequence[dict]) -> tuple[list[dict], list[dict]]:
