@@ -133,3 +133,22 @@ def test_render_refuses_what_is_not_a_report_and_keeps_the_old_output(tmp_path):
         with pytest.raises(SystemExit, match=message):  # a message for the user, not a traceback
             main(["--render", str(path), "--output-md", str(output)])
     assert output.read_text() == "previous report"
+
+
+def test_levers_of_m_and_ranking_change_the_support_as_stated(tmp_path):
+    """The size-of-M and generic-M levers select on another M (so their supports leave M-ref's collaborative set);
+    the "specific" ranking keeps within it, at the cap's size."""
+    from benchmarks.knowledge_injection.generic import BROAD_QUESTIONS
+
+    levers = ["cpl", "cpl-m0.25", "cpl-generic-m", "cpl-spec-d0.05", "cpl-d0.05"]
+    main(["--quick", "--seeds", "0", "--methods", *levers, "--lr", *[f"{name}=0.002" for name in levers],
+          "--output-md", str(tmp_path / "levers.md")])
+    runs = {run["method"]: run for run in
+            json.loads((tmp_path / "levers.json").read_text())["tasks"]["facts"]["seeds"]["0"]["runs"]}
+    assert set(runs) == set(levers) and all(len(run["curve"]) > 2 for run in runs.values())
+    assert runs["cpl"]["update_outside_collaborative"] == 0.0
+    for name in ("cpl-m0.25", "cpl-generic-m"):  # chosen on other data: some of the update conflicts with M-ref
+        assert runs[name]["update_outside_collaborative"] > 0.01, name
+    assert runs["cpl-spec-d0.05"]["update_outside_collaborative"] == 0.0
+    assert runs["cpl-spec-d0.05"]["trainable"] == runs["cpl-d0.05"]["trainable"] < runs["cpl"]["trainable"] // 5
+    assert len(BROAD_QUESTIONS) == 48 and len(set(BROAD_QUESTIONS)) == 48

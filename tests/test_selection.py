@@ -217,3 +217,36 @@ def test_report_plot_groups_many_modules_by_layer(tmp_path):
     image = report.plot(tmp_path / "layers.png")
     assert image.read_bytes()[:4] == b"\x89PNG"
     assert report.summary()["collaborative_fraction"] == sum(60 - layer for layer in range(12)) * 2 / 2400
+
+
+@pytest.mark.parametrize("granularity", ["element", "row"])
+def test_specific_ranking_keeps_injection_gradient_per_mastered_gradient(granularity):
+    """ranking="specific": the cap keeps the eligible units with the largest |g_I| / (|g_M| + mean |g_M|)."""
+    case = CASES["llama"]
+    model = get_peft_model(case.build(0), CPLConfig(target_modules=["q_proj", "down_proj"], granularity=granularity))
+    mastered, injection = batched(examples(case, 4, 4), 4), batched(examples(case, 4, 5), 4)
+    layers = cpl_layers(model)
+    g_m, _ = mean_weight_gradients(model, layers, mastered, progress=False)
+    g_i, _ = mean_weight_gradients(model, layers, injection, progress=False)
+    select_collaborative(model, mastered, injection, density=0.1, ranking="specific", progress=False)
+    for name, layer in layers.items():
+        m, i = g_m[name], g_i[name]
+        if granularity == "row":  # rows of the weight as stored: output_dim 0 for these Linear layers
+            m2, i2 = m.square().sum(dim=1), i.square().sum(dim=1)
+            score, eligible = i2 / (m2 + m2.mean()), ((m * i).sum(dim=1) >= 0) & (i != 0).any(dim=1)
+            chosen_rows = torch.zeros(m.shape[0], dtype=torch.bool)
+            chosen_rows[torch.unique(layer.support("default").indices // m.shape[1])] = True
+            chosen = chosen_rows
+        else:
+            score = (i.abs() / (m.abs() + m.abs().mean())).reshape(-1)
+            eligible = ((m * i >= 0) & (i != 0)).reshape(-1)
+            chosen = torch.zeros(m.numel(), dtype=torch.bool)
+            chosen[layer.support("default").indices] = True
+        assert bool(eligible[chosen].all()) and 0 < int(chosen.sum()) < int(eligible.sum())
+        assert score[chosen].min() >= score[eligible & ~chosen].max() * (1 - 1e-6)
+    injection_only = get_peft_model(case.build(0), CPLConfig(target_modules=["q_proj", "down_proj"],
+                                                             granularity=granularity))
+    select_collaborative(injection_only, mastered, injection, density=0.1, progress=False)
+    differ = [not torch.equal(layer.support("default").indices, other.support("default").indices)
+              for layer, other in zip(layers.values(), cpl_layers(injection_only).values())]
+    assert any(differ)  # a ranking of its own, not |g_I| again

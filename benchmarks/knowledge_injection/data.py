@@ -29,6 +29,7 @@ class World:
     tokenizer: object
     items: dict[str, list[dict]]  # task -> candidate items
     description: str
+    generic: list[dict] | None = None  # the generic mastered set (generic.py), built on first use
 
 
 def real_world(args: argparse.Namespace, tasks: list[TaskSettings]) -> World:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # selection.py needs the splits, which need the settings, whi
     from .selection import Selection
 
 
-PAPER_SUPPORT = (None, "element", "injection")  # every collaborative coordinate: the support chosen once per seed
+PAPER_SUPPORT = (None, "element", "injection", "reference", None)  # every collaborative coordinate, chosen on M-ref
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,12 @@ class Method:
     granularity: str = "element"
     ranking: str = "injection"  # which collaborative coordinates a cap keeps (select_collaborative's ranking)
     reselect: bool = False  # CPL: merge and choose the support again at the current weights every epoch
+    mastered: str = "reference"  # the M it may use: "reference" (M-ref) or "generic" (generic.py)
+    mastered_fraction: float | None = None  # only this first fraction of M-ref (the size lever)
 
     @property
     def support_key(self) -> tuple:
-        return self.density, self.granularity, self.ranking
+        return self.density, self.granularity, self.ranking, self.mastered, self.mastered_fraction
 
 
 # The sweeps, fixed before any result of the seeded benchmark was seen. Each spans 30x, from under- to over-training
@@ -84,12 +86,20 @@ METHODS = [
     *[Method(f"cpl-s-d{density:g}", "cpl", "adamw", SPARSE_LRS,
              f"CPL capped at density {density:g} (top s = g_M * g_I)", support="collaborative", density=density,
              ranking="contribution") for density in (0.2, 0.05)],
+    *[Method(f"cpl-spec-d{density:g}", "cpl", "adamw", SPARSE_LRS,
+             f"CPL capped at density {density:g} (top |g_I| / (|g_M| + mean |g_M|))", support="collaborative",
+             density=density, ranking="specific") for density in (0.2, 0.05)],
     *[Method(f"cpl-rows-d{density:g}", "cpl", "adamw", SPARSE_LRS, f"CPL, whole rows, density {density:g}",
              support="collaborative", density=density, granularity="row") for density in (0.2, 0.05)],
     Method("cpl-guard-d0.05", "cpl", "adamw", SPARSE_LRS, "CPL capped at density 0.05 + per-step guard",
            support="collaborative", guard=True, density=0.05),
     Method("cpl-replay", "cpl", "adamw", SPARSE_LRS, "CPL + M-ref items replayed in every batch",
            support="collaborative", replay=True),
+    Method("cpl-m0.25", "cpl", "adamw", SPARSE_LRS, "CPL selected on the first quarter of M-ref (the size of M)",
+           support="collaborative", mastered_fraction=0.25),
+    Method("cpl-generic-m", "cpl", "adamw", SPARSE_LRS,
+           "CPL selected on a generic M: the base model's own replies to 48 broad questions, no curated facts",
+           support="collaborative", mastered="generic"),
     Method("cpl-reselect", "cpl", "adamw", SPARSE_LRS, "CPL, support chosen again at the current weights each epoch",
            support="collaborative", reselect=True),
 ]
@@ -135,7 +145,7 @@ def build(args: argparse.Namespace, tokenizer, method: Method, lr: float, base: 
                 restore_support(model, support)
             else:
                 started = time.perf_counter()
-                density, granularity, ranking = key
+                density, granularity, ranking, _, _ = key
                 select_collaborative(model, mastered_batches, injection_batches, progress=False,
                                      density=args.cpl_density if density is None else density,
                                      granularity=granularity, ranking=ranking)

@@ -19,6 +19,7 @@ from peft_cpl.toolkit.loop import train
 
 from .baselines import collision_rate
 from .data import Split, World
+from .generic import generic_mastered
 from .methods import Method, build
 from .selection import Selection
 from .settings import TaskSettings
@@ -89,6 +90,16 @@ def outside_collaborative_share(deltas: dict[str, torch.Tensor], collaborative: 
     return outside / total if total else 0.0
 
 
+def mastered_for(args: argparse.Namespace, world: World, split: Split, method: Method) -> list[dict]:
+    """The mastered items the method may use (M-ref, a first part of it, or the generic M); forgetting is counted on
+    M-ref and M-held whatever it used."""
+    if method.mastered == "generic":
+        return generic_mastered(world, args.eval_batch_size)
+    if method.mastered_fraction is None:
+        return split.mastered_ref
+    return split.mastered_ref[: max(1, round(method.mastered_fraction * len(split.mastered_ref)))]
+
+
 def run_one(args: argparse.Namespace, world: World, task: TaskSettings, split: Split, selection: Selection,
             method: Method, lr: float, seed: int, baseline: dict) -> dict:
     """Train a fresh base with `method` at `lr`; the watch sets are counted every --eval-every steps (the curve)."""
@@ -98,8 +109,9 @@ def run_one(args: argparse.Namespace, world: World, task: TaskSettings, split: S
     steps_per_epoch = math.ceil(len(split.injection) / args.batch_size)
     last_step = task.epochs * steps_per_epoch
     with PeakMemory() as memory:
-        built = build(args, world.tokenizer, method, lr, world.fresh_base(), split.injection, split.mastered_ref,
-                      selection, cached_support=True, random_seed=seed)
+        mastered = mastered_for(args, world, split, method)
+        built = build(args, world.tokenizer, method, lr, world.fresh_base(), split.injection, mastered, selection,
+                      cached_support=True, random_seed=seed)
         started, charged = time.perf_counter(), built.setup_seconds  # the selection, once, whether cached or not
         model = built.model
         record["trainable"] = sum(param.numel() for param in model.parameters() if param.requires_grad)
@@ -127,7 +139,7 @@ def run_one(args: argparse.Namespace, world: World, task: TaskSettings, split: S
             for epoch in range(task.epochs):
                 if epoch:
                     built = build(args, world.tokenizer, method, lr, model.merge_and_unload(), split.injection,
-                                  split.mastered_ref, selection, cached_support=False, random_seed=seed)
+                                  mastered, selection, cached_support=False, random_seed=seed)
                     model, setup = built.model, setup + built.setup_seconds
                 offset = epoch * steps_per_epoch
                 record["losses"] += train(model, built.batches, epochs=1, optimizer=built.optimizer,
@@ -155,9 +167,10 @@ def collision_run(args: argparse.Namespace, world: World, task: TaskSettings, sp
     deltas, supports = [], []
     model = world.fresh_base()
     base_weights = reference = selection.base_weights
-    stages = ((first, split.mastered_ref), (second, split.mastered_ref + first))  # task 1 is known once learned
-    for index, (task_items, mastered) in enumerate(stages):
-        built = build(args, world.tokenizer, method, lr, model, task_items, mastered, selection, cached_support=False,
+    mastered = mastered_for(args, world, split, method)
+    stages = ((first, mastered), (second, mastered + first))  # task 1 is known once learned
+    for index, (task_items, known) in enumerate(stages):
+        built = build(args, world.tokenizer, method, lr, model, task_items, known, selection, cached_support=False,
                       random_seed=seed + index)
         if method.kind == "cpl":
             supports.append({name: s.indices for name, s in export_support(built.model).supports.items()})

@@ -12,7 +12,7 @@ import torch
 
 from .support import Support, choose_support, per_row
 
-RANKINGS = ("injection", "contribution")
+RANKINGS = ("injection", "contribution", "specific")
 
 
 def random_scores(shape: tuple[int, ...], seed: int, module_name: str) -> torch.Tensor:
@@ -32,19 +32,27 @@ def collaborative_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eligible: s = g_M * g_I >= 0 and g_I != 0 (per row: the row's summed s >= 0, some g_I != 0).
 
-    Ranked by "injection" (|g_I|, per row ||g_I||^2: the first-order drop of the injection loss per unit step) or
-    "contribution" (s itself).
+    Ranked by "injection" (|g_I|, per row ||g_I||^2: the first-order drop of the injection loss per unit step),
+    "contribution" (s itself), or "specific" (|g_I| / (|g_M| + mean |g_M|), per row with squared norms): coordinates
+    the injection set needs and the mastered set barely uses, so that a second-order rise of the mastered loss is
+    least likely. The mean in the denominator keeps coordinates with g_M ~ 0 from winning on noise in g_I.
     """
     if ranking not in RANKINGS:
         raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
     contribution = g_m * g_i
     if granularity == "element":
         eligible = (contribution >= 0) & (g_i != 0)
+        if ranking == "specific":
+            mastered = g_m.abs()
+            return g_i.abs() / (mastered + mastered.mean()), eligible
         return (g_i.abs() if ranking == "injection" else contribution), eligible
     row_contribution = per_row(contribution, output_dim).sum(dim=1)
     eligible = (row_contribution >= 0) & per_row(g_i != 0, output_dim).any(dim=1)
-    scores = per_row(g_i.square(), output_dim).sum(dim=1) if ranking == "injection" else row_contribution
-    return scores, eligible
+    injection = per_row(g_i.square(), output_dim).sum(dim=1)
+    if ranking == "specific":
+        mastered = per_row(g_m.square(), output_dim).sum(dim=1)
+        return injection / (mastered + mastered.mean()), eligible
+    return (injection if ranking == "injection" else row_contribution), eligible
 
 
 def data_free_support(
