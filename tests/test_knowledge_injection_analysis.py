@@ -70,6 +70,8 @@ def test_paired_differences_and_verdicts():
     assert verdict(0.5, 3.0).startswith("forgets more")
     assert verdict(-1.0, 1.0).startswith("not decided")
     assert verdict(None, None).startswith("no CI")
+    assert verdict(-3.0, -0.5, seeds=2) == "forgets less on every seed (screening)"  # 2 seeds: no confident verdict
+    assert verdict(0.5, 3.0, seeds=4).endswith("(screening)") and verdict(-1.0, 1.0, seeds=2).startswith("not")
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

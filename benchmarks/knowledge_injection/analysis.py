@@ -90,12 +90,18 @@ def paired(a: dict[int, float | None], b: dict[int, float | None]) -> list[float
     return [a[seed] - b[seed] for seed in sorted(a) if seed in b and a[seed] is not None and b[seed] is not None]
 
 
-def verdict(low: float | None, high: float | None) -> str:
-    """Plain words for a CI of (method - baseline) forgetting: negative forgets less."""
+CONFIDENT_SEEDS = 5  # below this, a CI that excludes 0 is a screening signal, not a verdict
+
+
+def verdict(low: float | None, high: float | None, seeds: int = CONFIDENT_SEEDS) -> str:
+    """Plain words for a CI of (method - baseline) forgetting over `seeds` seeds: negative forgets less.
+
+    A percentile bootstrap over 2-4 seeds spans little more than their range, so there it only says the seeds agree.
+    """
     if low is None or high is None or math.isnan(low):
         return "no CI (fewer than 2 seeds)"
-    if high < 0:
-        return "forgets less, with confidence"
-    if low > 0:
-        return "forgets more, with confidence"
+    if high < 0 or low > 0:
+        direction = "less" if high < 0 else "more"
+        return f"forgets {direction}" + (", with confidence" if seeds >= CONFIDENT_SEEDS else
+                                          " on every seed (screening)")
     return "not decided (the CI includes 0)"

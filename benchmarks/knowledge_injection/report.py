@@ -18,7 +18,8 @@ from .analysis import LEVELS, METRICS, at_level, chosen_run, mean_ci, paired, se
 from .methods import METHODS
 from .settings import ROOT
 
-BASELINES = ("full-adamw", "lora")
+BASELINES = ("full-adamw", "lora", "replay", "cpl")  # paired tables against each one present
+ANSWERED_BY_ALL = ("full-adamw", "lora")  # plain-words answers for every method; against the others, CPL's family
 SUMMARY_KEYS = [f"forgotten_out@{level:g}" for level in LEVELS] + ["forgotten_in@0.9", "area_forgotten_out",
                                                                      "area_forgotten_in"]
 DIFF_KEYS = [f"forgotten_out@{level:g}" for level in LEVELS] + ["area_forgotten_out", "forgotten_in@0.9"]
@@ -114,7 +115,8 @@ def markdown_task(name: str, task: dict) -> list[str]:
                 differences = paired({seed: s[key] for seed, s in table[method].items()},
                                      {seed: s[key] for seed, s in table[baseline].items()})
                 cells.append(ci_cell(differences, n))
-                if key in ANSWER_KEYS and differences:
+                answered = baseline in ANSWERED_BY_ALL or method.startswith("cpl")
+                if key in ANSWER_KEYS and differences and answered:
                     answers.append((method, baseline, key, len(differences), *mean_ci(differences)))
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "### In plain words", ""]
@@ -123,7 +125,7 @@ def markdown_task(name: str, task: dict) -> list[str]:
                      "uncertainty; nothing below is a confident verdict before the 5-seed confirmation.")
     for method, baseline, key, count, mean, low, high in answers:
         span = "" if low is None else f" (95% CI [{low:+.1f}, {high:+.1f}], {count} seeds)"
-        lines.append(f"- {method} vs {baseline}, {label(key)}: {mean:+.1f} items{span}: {verdict(low, high)}.")
+        lines.append(f"- {method} vs {baseline}, {label(key)}: {mean:+.1f} items{span}: {verdict(low, high, count)}.")
     lines += ["", f"![forgotten vs learned, {name}]({task['plot']})", ""]
     return lines + every_run(task, seeds)
 
