@@ -104,6 +104,31 @@ def test_render_joins_parts_run_by_seed_and_by_method(outputs, tmp_path):
     assert (tmp_path / "joined.md").read_text().split("## Task:", 1)[1] == body
 
 
+def test_render_keeps_only_the_methods_asked_for(outputs, tmp_path):
+    """A confirmation's report out of parts that also hold screened levers: the same rows as parts that held only
+    those methods, and a method no part ran is refused."""
+    report = json.loads((outputs / "ki.json").read_text())
+    kept = ["full-adamw", "lora", "cpl-guard"]
+    only = json.loads(json.dumps(report))
+    only["methods"] = kept
+    for task in only["tasks"].values():
+        task["lr_grid"] = {method: lrs for method, lrs in task["lr_grid"].items() if method in kept}
+        for outcome in task["seeds"].values():
+            outcome["runs"] = [run for run in outcome["runs"] if run["method"] in kept]
+    (tmp_path / "all.json").write_text(json.dumps(report))
+    (tmp_path / "only.json").write_text(json.dumps(only))
+    main(["--render", str(tmp_path / "all.json"), "--methods", *kept, "--output-md", str(tmp_path / "kept.md")])
+    main(["--render", str(tmp_path / "only.json"), "--output-md", str(tmp_path / "only.md")])
+    text = (tmp_path / "kept.md").read_text()
+    assert text.split("## Task:", 1)[1].replace("kept_", "only_") == (
+        tmp_path / "only.md").read_text().split("## Task:", 1)[1]
+    chosen = text.split("### Each method at its chosen learning rate")[1].split("###")[0]
+    assert "\n| cpl |" not in chosen and all(f"\n| {method} |" in chosen for method in kept)
+    with pytest.raises(SystemExit, match=r"no saved report has a run of cpl-s-d0\.05"):
+        main(["--render", str(tmp_path / "all.json"), "--methods", "lora", "cpl-s-d0.05", "--output-md",
+              str(tmp_path / "none.md")])
+
+
 def test_render_refuses_parts_with_other_splits_for_the_same_seed(outputs, tmp_path):
     report = json.loads((outputs / "ki.json").read_text())
     other = json.loads(json.dumps(report))

@@ -30,7 +30,7 @@ from .settings import estimate_minutes, lr_grid, mean_tokens, parse_args, task_s
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.render:
-        report = render(args.render)
+        report = render(args.render, args.methods)
         write_report(args.output_md, report)
         print(f"Wrote {args.output_md} from {len(args.render)} saved report(s).")
         return report

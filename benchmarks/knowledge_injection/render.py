@@ -21,12 +21,33 @@ def load(path: Path) -> dict:
     return report
 
 
-def render(paths: list[Path]) -> dict:
-    """One report from several: seeds are joined, and runs of the same seed are joined by (method, lr).
+def keep_methods(report: dict, methods: list[str] | None) -> dict:
+    if methods is None:
+        return report
+    kept = {**report, "methods": [name for name in report["methods"] if name in methods], "tasks": {}}
+    for name, task in report["tasks"].items():
+        seeds = {seed: {**outcome, "runs": [run for run in outcome["runs"] if run["method"] in methods]}
+                 for seed, outcome in task["seeds"].items()}
+        seeds = {seed: outcome for seed, outcome in seeds.items() if outcome["runs"]}
+        lr_grid = {method: lrs for method, lrs in task["lr_grid"].items() if method in methods}
+        kept["tasks"][name] = {**task, "seeds": seeds, "lr_grid": lr_grid}
+    return kept
+
+
+def render(paths: list[Path], methods: list[str] | None = None) -> dict:
+    """One report from several: seeds are joined, and runs of the same seed are joined by (method, lr); `methods`
+    keeps only those (a confirmation's methods out of parts that also hold screened levers).
 
     The same seed must have the same split in every part (it does when the parts ran on the same pool and model).
     """
-    reports = [load(path) for path in paths]
+    reports = [keep_methods(load(path), methods) for path in paths]
+    if methods is not None:
+        found = {name for report in reports for name in report["methods"]}
+        if missing := [name for name in methods if name not in found]:
+            raise SystemExit(f"--render: no saved report has a run of {', '.join(missing)}; drop it from --methods "
+                             "or add the part that ran it")
+        kept = [(path, report) for path, report in zip(paths, reports) if report["methods"]]
+        paths, reports = [path for path, _ in kept], [report for _, report in kept]
     merged: dict = {key: "; ".join(dict.fromkeys(str(report[key]) for report in reports))
                     for key in ("command", "machine", "model", "commit", "date")}
     merged["methods"] = list(dict.fromkeys(name for report in reports for name in report["methods"]))

@@ -46,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task", choices=["facts", "mcq", "both"], default="facts",
                         help="facts (default): free-form facts; mcq: the multiple-choice banks (opt-in: SmolLM2's "
                         "MC mastery is mostly answer-letter bias)")
-    parser.add_argument("--methods", nargs="+", choices=list(BY_NAME), default=DEFAULT_METHODS)
+    parser.add_argument("--methods", nargs="+", choices=list(BY_NAME),
+                        help=f"methods to run (default: {' '.join(DEFAULT_METHODS)}); with --render, the ones to "
+                        "keep from the saved reports (default: all)")
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS), help="fact kinds (facts task)")
     parser.add_argument("--mcq-dir", type=Path, default=ROOT.parent / "shared" / "data" / "mcq",
                         help="folder of multiple-choice JSONL banks ({id, question, label})")
@@ -92,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
                         help="train nothing: write --output-md from these saved reports (parts run separately)")
     args = parser.parse_args(argv)
+    if args.methods is None and not args.render:
+        args.methods = list(DEFAULT_METHODS)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
