@@ -129,6 +129,22 @@ def test_render_keeps_only_the_methods_asked_for(outputs, tmp_path):
               str(tmp_path / "none.md")])
 
 
+def test_resume_with_other_seeds_and_methods_keeps_what_the_file_held(tmp_path):
+    """A part run in several invocations sharing one JSON: a later one with fewer seeds keeps the other seeds' runs;
+    one whose split of a seed differs is refused before any run, and the file stays as it was."""
+    output = tmp_path / "part.md"
+    common = ["--quick", "--task", "facts", "--output-md", str(output)]
+    main([*common, "--seeds", "0", "1", "--methods", "full-adamw", "--lr", "full-adamw=1e-3"])
+    main([*common, "--seeds", "1", "--methods", "lora", "--lr", "lora=1e-3", "--resume"])
+    seeds = json.loads(output.with_suffix(".json").read_text())["tasks"]["facts"]["seeds"]
+    assert {seed: sorted(run["method"] for run in outcome["runs"]) for seed, outcome in seeds.items()} == {
+        "0": ["full-adamw"], "1": ["full-adamw", "lora"]}
+    before = output.with_suffix(".json").read_text()
+    with pytest.raises(SystemExit, match=r"seed 0 of task facts .* has another split"):
+        main([*common, "--seeds", "0", "--methods", "lora", "--lr", "lora=1e-3", "--resume", "--injection", "6"])
+    assert output.with_suffix(".json").read_text() == before
+
+
 def test_render_refuses_parts_with_other_splits_for_the_same_seed(outputs, tmp_path):
     report = json.loads((outputs / "ki.json").read_text())
     other = json.loads(json.dumps(report))

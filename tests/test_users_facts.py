@@ -202,6 +202,23 @@ def test_run_goes_from_a_csv_to_a_report_and_resumes(ws, facts_csv, capsys):
     assert code == 2 and "pass --resume to continue it, or pass --overwrite" in err
 
 
+def test_run_trains_with_the_guard_unless_told_not_to(tmp_path):
+    """The guard is `run`'s default (the seeded benchmark's finding); --no-guard or `guard: false` in a config turns
+    it off, and a flag wins over the config either way."""
+    from peft_cpl.toolkit.cli import build_parser
+    from peft_cpl.toolkit.cli_run import given_settings, resolve_settings
+
+    (tmp_path / "off.yaml").write_text("guard: false\n")
+
+    def guard(*flags: str) -> bool:
+        args = build_parser().parse_args(["run", "facts.csv", "--output", str(tmp_path / "out"), *flags])
+        return resolve_settings(given_settings(args))["guard"]
+
+    assert guard() is True and guard("--guard") is True and guard("--no-guard") is False
+    config = ("--config", str(tmp_path / "off.yaml"))
+    assert guard(*config) is False and guard(*config, "--guard") is True and guard(*config, "--no-guard") is False
+
+
 def test_run_refuses_bad_inputs_before_leaving_any_output(ws, facts_csv, tmp_path, capsys):
     write_items(tmp_path / "known.jsonl", FACTS[:6])
     write_items(tmp_path / "unknown.jsonl", FACTS[6:12])

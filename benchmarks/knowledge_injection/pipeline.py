@@ -18,13 +18,17 @@ from peft_cpl.toolkit.evaluation import predict
 from peft_cpl.tuner import atomic
 
 from .analysis import chosen_run
-from .data import base_answers, make_split, quick_world, real_world
+from .data import Split, base_answers, make_split, quick_world, real_world
 from .methods import BY_NAME, COLLISION_METHODS
 from .render import load, render
 from .report import git_commit, machine_description, write_report
 from .runs import collision_run, counts, run_one
 from .selection import select_once
 from .settings import estimate_minutes, lr_grid, mean_tokens, parse_args, task_settings
+
+
+def split_ids(split: Split) -> dict[str, list[str]]:
+    return {key: [item["id"] for item in getattr(split, key)] for key in split.sizes()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,6 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     earlier_report = load(args.output_json) if args.resume and args.output_json.is_file() else {}
     previous, previous_methods = earlier_report.get("tasks", {}), earlier_report.get("methods", [])
+    running = {task.name for task in tasks}
+    report["tasks"] = {name: task for name, task in previous.items() if name not in running}  # kept as they were
+    report["methods"] = list(dict.fromkeys([*previous_methods, *report["methods"]]))
 
     def save() -> None:
         atomic.write_text(args.output_json, json.dumps(report, indent=1))
@@ -80,13 +87,19 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"task": task.name, "split": info, "epochs": task.epochs, "eval_every": args.eval_every,
                   "batch_size": args.batch_size, "lr_grid": grid, "estimate_minutes": estimates[task.name],
                   "seeds": {}}
-        if task.name in previous:  # --resume: the earlier methods and their sweeps stay in the report
+        if task.name in previous:  # --resume: the earlier methods, sweeps and seeds not run now stay in the report
             result["lr_grid"] = {**previous[task.name]["lr_grid"], **grid}
-            report["methods"] = list(dict.fromkeys([*previous_methods, *report["methods"]]))
+            result["seeds"] = dict(previous[task.name]["seeds"])
         report["tasks"][task.name] = result
         print(f"[{task.name}] {len(mastered)} mastered, {len(injection)} not; by relation: {info['relations']}")
-        for seed in args.seeds:
-            split = make_split(task, mastered, injection, info, seed)
+        splits = {seed: make_split(task, mastered, injection, info, seed) for seed in args.seeds}
+        for seed, split in splits.items():  # before any run: a resumed seed must have the split it had
+            earlier = result["seeds"].get(str(seed))
+            if earlier is not None and earlier["ids"] != split_ids(split):
+                raise SystemExit(f"--resume: seed {seed} of task {task.name} in {args.output_json} has another split "
+                                 "than this run's (another pool, model or sizes?); resume with the settings it was "
+                                 "run with, or write to another --output-json")
+        for seed, split in splits.items():
             if len(split.mastered_ref) < 1 or len(split.injection) < 2:
                 print(f"[{task.name}] seed {seed} skipped: too few mastered or injection items {split.sizes()}")
                 continue
@@ -98,12 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
             summary = selection.report.summary()
             outcome = {
                 "seed": seed, "sizes": split.sizes(), "baseline": baseline,
-                "ids": {key: [item["id"] for item in getattr(split, key)] for key in split.sizes()},
+                "ids": split_ids(split),
                 "selection": summary, "selection_seconds": selection.seconds, "nlora_lambda": selection.nlora_lambda,
                 "runs": [], "collision": [],
             }
-            earlier = previous.get(task.name, {}).get("seeds", {}).get(str(seed))
-            if earlier is not None and earlier["ids"] == outcome["ids"]:
+            earlier = result["seeds"].get(str(seed))
+            if earlier is not None:
                 outcome["runs"] = list(earlier["runs"])
                 print(f"[{task.name}] seed {seed}: {len(outcome['runs'])} runs kept from {args.output_json}")
             result["seeds"][str(seed)] = outcome

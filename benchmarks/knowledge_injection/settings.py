@@ -90,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-md", type=Path, default=ROOT / "benchmarks" / "results" / "knowledge_injection.md")
     parser.add_argument("--output-json", type=Path, default=None, help="default: --output-md with .json")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs already in --output-json (same seeds and splits) and run the rest")
+                        help="keep what --output-json already holds (its other seeds and tasks as they are; the "
+                        "runs of these seeds if their splits are the same) and run the rest")
     parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
                         help="train nothing: write --output-md from these saved reports (parts run separately)")
     args = parser.parse_args(argv)
