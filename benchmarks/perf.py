@@ -4,7 +4,9 @@ Every method runs in its own subprocess (a clean peak-RSS reading each) on the s
 table with ratios against full fine-tuning (AdamW, fp32) measured in this same run. Peak RSS is given for the whole
 process and for training alone (the kernel's peak counter is reset once the model is loaded: loading an 8-bit base
 reads the float checkpoint first, which says nothing about training). On CUDA the allocator peak
-(torch.cuda.max_memory_allocated) is recorded in the JSON too.
+(torch.cuda.max_memory_allocated) is recorded in the JSON too. `--live-peak` adds the peak of live tensors over one
+more step (`peft_cpl.toolkit.memory.measure_step_peak`: on the CPU, where peak RSS also counts what glibc's heap keeps
+after a free, from torch's profiler), next to `estimate_memory`'s predicted peak for the CPL rows.
 
     python benchmarks/perf.py                       # all methods, CPU; writes benchmarks/results/perf.{md,json}
     python benchmarks/perf.py --methods full cpl-e0.3 lora-r16 --steps 5
@@ -76,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", type=Path,
                         help="a model config.json: random weights of that shape instead of SmolLM2 (exact for time "
                         "and memory; quantized methods need SmolLM2)")
+    parser.add_argument("--live-peak", action="store_true",
+                        help="also profile one step for the peak of live tensors (CPU: slower, one extra step)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/perf"))
     parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -115,7 +119,7 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     import peft_cpl
     from peft_cpl.toolkit.default_model import load_default_model
     from peft_cpl.toolkit.loop import make_optimizer
-    from peft_cpl.toolkit.memory import estimate_memory, measure_train_state
+    from peft_cpl.toolkit.memory import estimate_memory, live_tensor_bytes, measure_step_peak, measure_train_state
     from peft_cpl.tuner.losses import summed_example_loss
 
     spec = METHODS[name]
@@ -218,6 +222,16 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     if args.device == "cuda":
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["state_bytes"] = measure_train_state(peft_model, optimizer)
+    if args.live_peak:
+        optimizer.zero_grad(set_to_none=True)
+        result["live_before_mb"] = live_tensor_bytes() / 2**20
+        result["live_peak_mb"] = measure_step_peak(step, args.device) / 2**20
+        if spec["kind"] == "cpl":
+            base = {8: "int8", 4: "nf4"}.get(spec.get("bits"), "fp32" if dtype == torch.float32 else "bf16")
+            estimate = estimate_memory(peft_model, base=base,
+                                       optimizer=spec.get("optimizer", "adamw"), fused=fused, guard=guard is not None,
+                                       batch_size=args.batch, seq_len=args.seq)
+            result["estimate_peak_mb"] = estimate.peak / 2**20
 
     peft_model.eval()
     eval_batch = batches[0]["input_ids"]
@@ -269,6 +283,19 @@ def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
             f"{sum(r['state_bytes'].values()) / 2**20:.0f} | {fmt(r.get('file_bytes') and r['file_bytes'] / 2**20)} | "
             f"{fmt(r.get('merge_s'))} | {fmt(latency)} |"
         )
+    live = [r for r in results if r.get("live_peak_mb")]
+    if live:
+        lines += ["", "Peak of live tensors over one step (`--live-peak`; torch's profiler; allocations outside torch "
+                  "not seen), against `estimate_memory`'s predicted peak:", "",
+                  "| method | live before step MB | live peak MB | saved B/targeted param vs full | "
+                  "estimated peak MB | estimate / live |", "|---|---:|---:|---:|---:|---:|"]
+        for r in live:
+            saved = full and r is not full and full.get("live_peak_mb") and (
+                (full["live_peak_mb"] - r["live_peak_mb"]) * 2**20 / r["targeted_params"])
+            ratio = r.get("estimate_peak_mb") and r["estimate_peak_mb"] / r["live_peak_mb"]
+            lines.append(f"| {r['method']} | {r['live_before_mb']:.0f} | {r['live_peak_mb']:.0f} | "
+                         f"{fmt(saved or None, '.1f')} | "
+                         f"{fmt(r.get('estimate_peak_mb'), '.0f')} | {fmt(ratio)} |")
     notes = []
     if full:
         eight = by.get("cpl-e0.3-8bit")
@@ -295,7 +322,8 @@ def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
             f"{s['select_marginal_per_example_s'] / s['fwd_bwd_per_example_s']:.2f}) plus a one-off "
             f"{s['select_fixed_s']:.1f} s to build the supports."
         )
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}, device {args.device}"
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU threads ({torch.get_num_threads()} used by torch), "
+               f"torch {torch.__version__}, device {args.device}")
     if args.device == "cuda":
         machine += f" ({torch.cuda.get_device_name()})"
     header = [
@@ -320,6 +348,8 @@ def main() -> None:
                    "--seq", str(args.seq), "--device", args.device, "--dtype", args.dtype]
         if args.config is not None:
             command += ["--config", str(args.config)]
+        if args.live_peak:
+            command.append("--live-peak")
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:

@@ -187,6 +187,6 @@ def test_memory_per_rank_splits_what_fsdp2_shards_and_adds_ddp_buckets(runs):
     local = [result["fsdp"]["local value bytes"] for result in ranks]  # what fully_shard left on each rank
     assert sum(local) == one.trained_values and max(local) <= fsdp.trained_values + 4 * len(cpl_layers(model))
     assert fsdp.base_weights == -(-one.base_weights // 2) and (fsdp.index, fsdp.guard) == (one.index, one.guard)
-    assert per_rank(one, 2, "ddp").gradients == one.gradients + one.trained_values  # DDP's fp32 buckets
+    assert per_rank(one, 2, "ddp").temporaries == one.temporaries + one.trained_values  # DDP's fp32 buckets
     assert per_rank(one, 2, "ddp", fused=True) == one
 

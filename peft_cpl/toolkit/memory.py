@@ -9,7 +9,10 @@ logits and their fp32 loss, or one layer's worth plus each layer's input under g
 
 from __future__ import annotations
 
+import gc
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -29,7 +32,7 @@ _BNB_STATE_BLOCK, _BNB_MIN_8BIT_SIZE, _BNB_QMAP_BYTES = 256, 4096, 2 * 256 * 4
 
 @dataclass
 class MemoryEstimate:
-    """Bytes of each part of a CPL training run; `peak` is their sum."""
+    """Bytes of each part of a CPL training run."""
 
     base_weights: int
     trained_values: int
@@ -37,7 +40,8 @@ class MemoryEstimate:
     optimizer_state: int
     index: int
     guard: int
-    temporaries: int  # per-step: effective weight and dense weight gradient of one layer, the guard's copy
+    temporaries: int  # effective weight and dense weight gradient of one layer, the guard's copy (DDP: its buckets)
+    step_temporaries: int  # the optimizer's at its step: torch's foreach AdamW, one tensor per trained value
     activations: int
     selection_peak: int  # selection on the accelerator, g_M kept on the CPU meanwhile (a separate phase)
     trained: int  # number of trained values
@@ -49,7 +53,11 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> int:
-        return self.base_weights + self.train_state + self.temporaries + self.activations
+        """Activations and gradients are not all alive at once: backward frees the one as it builds the other, so
+        their sum peaks at one end of it (activations when it starts, gradients and the step's temporaries when
+        it ends)."""
+        resident = self.base_weights + self.train_state - self.gradients + self.temporaries
+        return resident + max(self.activations, self.gradients + self.step_temporaries)
 
     @property
     def bytes_per_trained_value(self) -> float:
@@ -124,6 +132,7 @@ def estimate_memory(
         index=index,
         guard=signs,
         temporaries=temporaries,
+        step_temporaries=(largest if fused else trained) * value_bytes if optimizer == "adamw" else 0,
         activations=_activation_bytes(model.config, batch_size, seq_len, compute, gradient_checkpointing),
         # g_I's accumulators, plus one module's g_M (brought back from the CPU), s, eligibility and scores
         selection_peak=4 * sum(math.prod(shape) for shape in shapes) + 13 * biggest_weight,
@@ -155,6 +164,47 @@ def measure_train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> d
                       for t in kept.values()),
         "guard": size(t for layer in layers for t in layer.cpl_mastered_sign.values()),
     }
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor Python can reach, shared storages once: what stays alive between training steps."""
+    storages: dict[int, int] = {}
+    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for tensor in tensors:
+        if not tensor.is_meta:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def measure_step_peak(step: Callable[[], object], device: str | torch.device = "cpu") -> int:
+    """Peak bytes of live tensors while `step()` runs: what `estimate_memory(...).peak` predicts.
+
+    On CUDA, torch.cuda.max_memory_allocated. On the CPU, where peak RSS also counts what the C heap keeps after a
+    free, the tensors alive before the step plus the running sum of the allocations and frees torch's profiler
+    records during it. Memory allocated outside torch (numpy, which expands bitmask supports on the CPU one layer
+    at a time) is not seen.
+    """
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    from torch.profiler import ProfilerActivity, profile
+
+    before = live_tensor_bytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    running = top = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        running += event.nbytes()
+        top = max(top, running)
+    return before + top
 
 
 def cpl_model_on_meta(config: Any, target_modules: str | list[str] = "all-linear") -> nn.Module:
@@ -284,7 +334,8 @@ def per_rank(estimate: MemoryEstimate, processes: int, sharding: str = "ddp", *,
     """The memory of one of `processes` ranks, from one process's `estimate` (README, "More than one process").
 
     "ddp": each rank holds what one process holds, plus DDP's gradient buckets, a second fp32 copy of the trained
-    values' gradients (none with `fused`: the fused step all-reduces each gradient itself, without DDP).
+    values' gradients kept for the whole run (none with `fused`: the fused step all-reduces each gradient itself,
+    without DDP).
     "fsdp2": `fully_shard` splits base weights, values, gradients and optimizer state over the ranks; the support
     indices and sign(g_M) are buffers, kept whole on every rank; and the parameters of two of the `units` sharded
     modules (e.g. decoder layers: the one computed and the one prefetched) are gathered whole at a time. Selection
@@ -296,7 +347,7 @@ def per_rank(estimate: MemoryEstimate, processes: int, sharding: str = "ddp", *,
         raise ValueError("processes and units must be at least 1")
     if sharding == "ddp":
         extra = 0 if fused else estimate.trained_values  # fp32 buckets: one gradient per trained value
-        return replace(estimate, gradients=estimate.gradients + extra)
+        return replace(estimate, temporaries=estimate.temporaries + extra)
     gathered = 2 * (estimate.base_weights + estimate.trained_values) // units if processes > 1 else 0
     return replace(
         estimate,
@@ -304,5 +355,6 @@ def per_rank(estimate: MemoryEstimate, processes: int, sharding: str = "ddp", *,
         trained_values=math.ceil(estimate.trained_values / processes),
         gradients=math.ceil(estimate.gradients / processes),
         optimizer_state=math.ceil(estimate.optimizer_state / processes),
+        step_temporaries=math.ceil(estimate.step_temporaries / processes),
         temporaries=estimate.temporaries + gathered,
     )
