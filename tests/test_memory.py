@@ -153,6 +153,7 @@ def test_the_predicted_peak_is_the_measured_peak_of_live_tensors(fused, batch, s
     """Activations and gradients peak at the two ends of backward, not together: the sum of the parts would
     over-predict the unfused step by the whole gradient (up to ~20% here)."""
     vocab = 2000
+    elsewhere = live_tensor_bytes()  # what other tests left alive in this process; not this run's
     model = get_peft_model(tiny_llama(0, num_hidden_layers=4, hidden_size=256, intermediate_size=512,
                                       vocab_size=vocab), CPLConfig(support="random", density=0.6))
     optimizer = make_optimizer(model, "adamw", 1e-3, fused=fused)
@@ -166,9 +167,9 @@ def test_the_predicted_peak_is_the_measured_peak_of_live_tensors(fused, batch, s
 
     step()  # the optimizer's state exists before the measured step
     optimizer.zero_grad(set_to_none=True)
-    measured = measure_step_peak(step)
+    measured = measure_step_peak(step) - elsewhere
     estimate = estimate_memory(model, base="fp32", fused=fused, batch_size=batch, seq_len=seq)
     summed = estimate.base_weights + estimate.train_state + estimate.temporaries + estimate.activations
-    assert measured > live_tensor_bytes()  # the step allocated something the profiler saw
+    assert measured > live_tensor_bytes() - elsewhere  # the step allocated something the profiler saw
     assert 0.9 * measured <= estimate.peak <= 1.3 * measured
     assert estimate.peak < summed or fused

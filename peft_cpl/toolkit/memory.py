@@ -180,7 +180,8 @@ def live_tensor_bytes() -> int:
 
 
 def measure_step_peak(step: Callable[[], object], device: str | torch.device = "cpu") -> int:
-    """Peak bytes of live tensors while `step()` runs: what `estimate_memory(...).peak` predicts.
+    """Peak bytes of the process's live tensors while `step()` runs: what `estimate_memory(...).peak` predicts, plus
+    whatever else the process keeps alive (subtract `live_tensor_bytes()` taken before the model was built).
 
     On CUDA, torch.cuda.max_memory_allocated. On the CPU, where peak RSS also counts what the C heap keeps after a
     free, the tensors alive before the step plus the running sum of the allocations and frees torch's profiler
