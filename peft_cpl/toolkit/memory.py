@@ -146,12 +146,7 @@ def measure_train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> d
     seen: set[int] = set()
 
     def size(tensors) -> int:
-        total = 0
-        for tensor in tensors:
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in seen:
-                seen.add(tensor.untyped_storage().data_ptr())
-                total += tensor.untyped_storage().nbytes()
-        return total
+        return _storage_bytes(tensors, seen)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizers = list(getattr(optimizer, "inner", {None: optimizer}).values())
@@ -168,15 +163,20 @@ def measure_train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> d
 
 def live_tensor_bytes() -> int:
     """Bytes of every tensor Python can reach, shared storages once: what stays alive between training steps."""
-    storages: dict[int, int] = {}
     with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
         warnings.simplefilter("ignore", FutureWarning)
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    return _storage_bytes((tensor for tensor in tensors if not tensor.is_meta), set())
+
+
+def _storage_bytes(tensors, seen: set[int]) -> int:
+    """Bytes of the storages of `tensors` (non-tensors skipped) not in `seen`, each once; adds them to `seen`."""
+    total = 0
     for tensor in tensors:
-        if not tensor.is_meta:
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+        if isinstance(tensor, torch.Tensor) and (pointer := tensor.untyped_storage().data_ptr()) not in seen:
+            seen.add(pointer)
+            total += tensor.untyped_storage().nbytes()
+    return total
 
 
 def measure_step_peak(step: Callable[[], object], device: str | torch.device = "cpu") -> int:
