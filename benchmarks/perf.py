@@ -261,15 +261,15 @@ def fmt(value, spec: str = ".2f", none: str = "-") -> str:
 def report(results: list[dict], args: argparse.Namespace, command: str) -> str:
     by = {r["method"]: r for r in results}
     full = by.get("full")
-    lora = by.get("lora-r16")
     lines = [
-        "| method | trainable | step s | x full | x LoRA | peak RSS MB | training peak RSS MB | saved B/targeted "
-        "param vs full | train-state MB | adapter file MB | merge s | unmerged/merged latency |",
+        "| method | trainable | step s | x full | x LoRA (same base) | peak RSS MB | training peak RSS MB | "
+        "saved B/targeted param vs full | train-state MB | adapter file MB | merge s | unmerged/merged latency |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "step_s" not in r:
             continue
+        lora = by.get(f"lora-r16-{r['bits']}bit" if r.get("bits") else "lora-r16")  # LoRA on the same base
         saved = None
         if full and r is not full:
             key = "training_peak_rss_mb" if full.get("training_peak_rss_mb") and r.get("training_peak_rss_mb") else (
