@@ -127,7 +127,7 @@ def test_density_cap_ranks_by_injection_gradient():
     layers = cpl_layers(model)
     g_m, _ = mean_weight_gradients(model, layers, mastered, progress=False)
     g_i, _ = mean_weight_gradients(model, layers, injection, progress=False)
-    select_collaborative(model, mastered, injection, density=0.05, progress=False)
+    select_collaborative(model, mastered, injection, density=0.05, ranking="injection", progress=False)
     for name, layer in layers.items():
         chosen = layer.support("default").indices
         assert chosen.numel() == round(0.05 * g_m[name].numel())
@@ -221,14 +221,16 @@ def test_report_plot_groups_many_modules_by_layer(tmp_path):
 
 @pytest.mark.parametrize("granularity", ["element", "row"])
 def test_specific_ranking_keeps_injection_gradient_per_mastered_gradient(granularity):
-    """ranking="specific": the cap keeps the eligible units with the largest |g_I| / (|g_M| + mean |g_M|)."""
+    """ranking="specific" (the default): the cap keeps the eligible units with the largest |g_I| / (|g_M| + mean
+    |g_M|)."""
     case = CASES["llama"]
     model = get_peft_model(case.build(0), CPLConfig(target_modules=["q_proj", "down_proj"], granularity=granularity))
     mastered, injection = batched(examples(case, 4, 4), 4), batched(examples(case, 4, 5), 4)
     layers = cpl_layers(model)
     g_m, _ = mean_weight_gradients(model, layers, mastered, progress=False)
     g_i, _ = mean_weight_gradients(model, layers, injection, progress=False)
-    select_collaborative(model, mastered, injection, density=0.1, ranking="specific", progress=False)
+    report = select_collaborative(model, mastered, injection, density=0.1, progress=False)  # the default ranking
+    assert report.ranking == "specific"
     for name, layer in layers.items():
         m, i = g_m[name], g_i[name]
         if granularity == "row":  # rows of the weight as stored: output_dim 0 for these Linear layers
@@ -246,7 +248,7 @@ def test_specific_ranking_keeps_injection_gradient_per_mastered_gradient(granula
         assert score[chosen].min() >= score[eligible & ~chosen].max() * (1 - 1e-6)
     injection_only = get_peft_model(case.build(0), CPLConfig(target_modules=["q_proj", "down_proj"],
                                                              granularity=granularity))
-    select_collaborative(injection_only, mastered, injection, density=0.1, progress=False)
+    select_collaborative(injection_only, mastered, injection, density=0.1, ranking="injection", progress=False)
     differ = [not torch.equal(layer.support("default").indices, other.support("default").indices)
               for layer, other in zip(layers.values(), cpl_layers(injection_only).values())]
     assert any(differ)  # a ranking of its own, not |g_I| again

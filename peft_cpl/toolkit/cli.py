@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--density", type=float, help="cap on the support per weight, in (0, 1] (default: no cap)")
     select.add_argument("--granularity", choices=GRANULARITIES, metavar="G", default="element",
                         help="choose single coordinates, or whole output rows (neurons)")
-    select.add_argument("--ranking", choices=RANKINGS, metavar="R", default="injection",
-                        help="what --density keeps first")
+    select.add_argument("--ranking", choices=RANKINGS, metavar="R", default="specific",
+                        help="what --density keeps first (default: specific, |g_I| / (|g_M| + mean |g_M|))")
     select.add_argument("--delta-dtype", choices=DELTA_DTYPES, metavar="DTYPE", default="float32",
                         help="dtype of the trained values")
     select.add_argument("--batch-size", type=_positive_int, default=8, help="items per gradient pass")

@@ -32,7 +32,7 @@ def select_collaborative(
     loss_fn: LossFn | None = None,
     density: float | None = None,
     granularity: str | None = None,
-    ranking: str = "injection",
+    ranking: str = "specific",
     adapter_name: str | None = None,
     accumulate_on: str | torch.device | None = None,
     progress: bool = True,
@@ -42,9 +42,10 @@ def select_collaborative(
     g_M and g_I are the exact mean gradients over the `mastered` and `injection` batches (iterables of model inputs,
     e.g. DataLoaders) at the current weights. The support is {s >= 0 and g_I != 0}: coordinates whose injection
     update does not raise the mastered loss to first order. With a `density` cap the collaborative coordinates are
-    ranked by `ranking`: "injection" (|g_I|, the first-order drop of the injection loss per unit step; default),
-    "contribution" (s itself) or "specific" (|g_I| / (|g_M| + mean |g_M|): needed by the injection set, little used
-    by the mastered one). Values restart at zero, so outputs are unchanged by selection.
+    ranked by `ranking`: "specific" (default: |g_I| / (|g_M| + mean |g_M|), needed by the injection set and little
+    used by the mastered one; it forgot least at a cap in the knowledge-injection benchmark), "injection" (|g_I|, the
+    first-order drop of the injection loss per unit step) or "contribution" (s itself). Values restart at zero, so
+    outputs are unchanged by selection.
 
     `density` and `granularity` default to the adapter's config, which is updated to what was used; the report is
     saved with the adapter by `save_pretrained`.
