@@ -312,3 +312,18 @@ def test_a_failed_overwrite_leaves_the_old_folder_intact(tmp_path):
     with staged_dir(target, overwrite=True) as staging:
         (staging / "new.txt").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+def test_select_defaults_are_the_librarys():
+    """The CLI writes its defaults as literals (so `peft-cpl --help` imports no torch); they must not drift."""
+    import inspect
+
+    from peft_cpl.toolkit.cli import build_parser
+    from peft_cpl.tuner.config import CPLConfig
+    from peft_cpl.tuner.selection import select_collaborative
+
+    args = build_parser().parse_args(["select", "--mastered", "m.jsonl", "--injection", "i.jsonl", "--output", "out"])
+    assert args.ranking == inspect.signature(select_collaborative).parameters["ranking"].default
+    config = CPLConfig()
+    assert (args.granularity, args.delta_dtype, args.density) == (config.granularity, config.delta_dtype,
+                                                                  config.density)
