@@ -72,6 +72,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     earlier_report = load(args.output_json) if args.resume and args.output_json.is_file() else {}
     previous, previous_methods = earlier_report.get("tasks", {}), earlier_report.get("methods", [])
+    for task in tasks:  # before any work: one part holds runs of one length and one evaluation grid
+        saved = previous.get(task.name)
+        now = {"epochs": task.epochs, "eval_every": args.eval_every, "batch_size": args.batch_size}
+        if saved is not None and (differ := [key for key, value in now.items() if saved.get(key) != value]):
+            raise SystemExit(f"--resume: task {task.name} in {args.output_json} was run with "
+                             + ", ".join(f"{key} {saved.get(key)}" for key in differ) + ", this run has "
+                             + ", ".join(f"{key} {now[key]}" for key in differ) + "; resume with those settings, "
+                             "or write to another --output-json (--render joins parts of different lengths)")
     running = {task.name for task in tasks}
     report["tasks"] = {name: task for name, task in previous.items() if name not in running}  # kept as they were
     report["methods"] = list(dict.fromkeys([*previous_methods, *report["methods"]]))
@@ -88,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "batch_size": args.batch_size, "lr_grid": grid, "estimate_minutes": estimates[task.name],
                   "seeds": {}}
         if task.name in previous:  # --resume: the earlier methods, sweeps and seeds not run now stay in the report
-            result["lr_grid"] = {**previous[task.name]["lr_grid"], **grid}
+            swept = previous[task.name]["lr_grid"]
+            result["lr_grid"] = {method: sorted({*swept.get(method, []), *grid.get(method, [])})
+                                 for method in {**swept, **grid}}
             result["seeds"] = dict(previous[task.name]["seeds"])
         report["tasks"][task.name] = result
         print(f"[{task.name}] {len(mastered)} mastered, {len(injection)} not; by relation: {info['relations']}")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .analysis import AREA_UPTO, LEVELS, at_level
+
+TOP_LEVEL = max(*LEVELS, AREA_UPTO)  # a run that reached it has every summary point in its curve
+
 REPORT_KEYS = {"command", "machine", "model", "commit", "date", "methods", "tasks"}
 
 
@@ -39,6 +43,9 @@ def render(paths: list[Path], methods: list[str] | None = None) -> dict:
     keeps only those (a confirmation's methods out of parts that also hold screened levers).
 
     The same seed must have the same split in every part (it does when the parts ran on the same pool and model).
+    Parts may differ in length (`--epochs`): the report has the longest, and a shorter run stands in for a longer one
+    only if it reached 90% learned, because training does not depend on the number of epochs still to come
+    (constant lr, epoch e shuffled with seed + e), so every summary point of the longer run is already in its curve.
     """
     reports = [keep_methods(load(path), methods) for path in paths]
     if methods is not None:
@@ -55,26 +62,51 @@ def render(paths: list[Path], methods: list[str] | None = None) -> dict:
     for path, report in zip(paths, reports):
         for name, task in report["tasks"].items():
             into = merged["tasks"].setdefault(name, {**task, "seeds": {}, "lr_grid": {}})
-            for method, lrs in task["lr_grid"].items():
-                if into["lr_grid"].setdefault(method, lrs) != lrs:
-                    raise SystemExit(f"--render: {path} swept {method} over {lrs}, another part over "
-                                     f"{into['lr_grid'][method]}: parts must share the sweep")
-            for key in ("epochs", "eval_every", "batch_size"):
+            for key in ("eval_every", "batch_size"):
                 if into[key] != task[key]:
                     raise SystemExit(f"--render: {path} has {key} {task[key]}, another part {into[key]}")
+            into["epochs"] = max(into["epochs"], task["epochs"])
+            for method, lrs in task["lr_grid"].items():
+                into["lr_grid"][method] = sorted({*into["lr_grid"].get(method, []), *lrs})
             for seed, outcome in task["seeds"].items():
+                runs = [{**run, "epochs": run.get("epochs", task["epochs"])} for run in outcome["runs"]]
                 if seed not in into["seeds"]:
-                    into["seeds"][seed] = {**outcome, "runs": list(outcome["runs"])}
+                    into["seeds"][seed] = {**outcome, "runs": runs}
                     continue
                 joined = into["seeds"][seed]
                 if joined["ids"] != outcome["ids"]:
                     raise SystemExit(f"--render: seed {seed} of task {name} has another split in {path} than in an "
                                      "earlier part (another pool or model?); parts must share them")
-                done = {(run["method"], run["lr"]) for run in joined["runs"]}
-                joined["runs"] += [run for run in outcome["runs"] if (run["method"], run["lr"]) not in done]
+                index = {(run["method"], run["lr"]): position for position, run in enumerate(joined["runs"])}
+                for run in runs:
+                    position = index.get((run["method"], run["lr"]))
+                    if position is None:
+                        joined["runs"].append(run)
+                    elif run["epochs"] > joined["runs"][position]["epochs"]:
+                        joined["runs"][position] = run  # the longer run of the same (method, lr, seed)
                 joined["collision"] = joined.get("collision") or outcome.get("collision", [])
     merged["tasks"] = {name: task for name, task in merged["tasks"].items() if any(
         outcome["runs"] for outcome in task["seeds"].values())}
     if not merged["tasks"]:
         raise SystemExit("--render: no run in these reports; nothing written")
+    for name, task in merged["tasks"].items():
+        check_runs(name, task)
     return merged
+
+
+def check_runs(name: str, task: dict) -> None:
+    """Every seed swept every lr of its methods, and a run shorter than the report reached 90% learned."""
+    for seed, outcome in task["seeds"].items():
+        present = {(run["method"], run["lr"]) for run in outcome["runs"]}
+        for method in dict.fromkeys(run["method"] for run in outcome["runs"]):
+            if missing := [lr for lr in task["lr_grid"].get(method, []) if (method, lr) not in present]:
+                raise SystemExit(f"--render: seed {seed} of task {name} has no run of {method} at lr "
+                                 f"{', '.join(f'{lr:g}' for lr in missing)}, which another part swept; add the part "
+                                 "that ran it, or run it (the lr rule needs the whole sweep on every seed)")
+        for run in outcome["runs"]:
+            if run["epochs"] < task["epochs"] and at_level(run["curve"], TOP_LEVEL * outcome["sizes"]["injection"]) \
+                    is None:
+                raise SystemExit(f"--render: {run['method']} at lr {run['lr']:g}, seed {seed} of task {name}, ran "
+                                 f"{run['epochs']} epochs and did not reach {TOP_LEVEL:.0%} learned, and no part ran "
+                                 f"it for {task['epochs']}: run it with --epochs {task['epochs']} into a part of "
+                                 "this render")

@@ -70,6 +70,15 @@ def describe(name: str, task: dict, seeds: list[str], methods: list[str]) -> lis
                  f"{task['batch_size']}, the watch sets counted every {task['eval_every']} steps"
                  + (f"; seeds {', '.join(unfinished)} were stopped part-way (their finished runs are used)"
                     if unfinished else "") + ".")
+    shorter = [run for seed in seeds for run in task["seeds"][seed]["runs"] if run.get("epochs", task["epochs"])
+               < task["epochs"]]
+    if shorter:
+        lengths = sorted({run["epochs"] for run in shorter})
+        lines.append(f"- Joined from parts of {', '.join(map(str, lengths))} and {task['epochs']} epochs: "
+                     f"{len(shorter)} runs that reached 90% learned within {', '.join(map(str, lengths))} epochs "
+                     f"stand in for {task['epochs']}-epoch runs. Training does not depend on the epochs still to come "
+                     "(constant lr, epoch e shuffled with seed + e), so every summary point is already in their "
+                     "curves; their curves end earlier.")
     lines.append("- Selection at the base weights, per seed: " + "; ".join(
         f"seed {seed}: {task['seeds'][seed]['selection']['collaborative_fraction']:.1%} collaborative, CPL density "
         f"{task['seeds'][seed]['selection']['support_fraction']:.3f}" for seed in seeds) + ".")

@@ -104,7 +104,7 @@ def run_one(args: argparse.Namespace, world: World, task: TaskSettings, split: S
             method: Method, lr: float, seed: int, baseline: dict) -> dict:
     """Train a fresh base with `method` at `lr`; the watch sets are counted every --eval-every steps (the curve)."""
     record: dict = {"method": method.name, "lr": lr, "seed": seed, "optimizer": method.optimizer,
-                    "curve": [{"step": 0, **baseline}]}
+                    "epochs": task.epochs, "curve": [{"step": 0, **baseline}]}
     eval_seconds = 0.0
     steps_per_epoch = math.ceil(len(split.injection) / args.batch_size)
     last_step = task.epochs * steps_per_epoch
