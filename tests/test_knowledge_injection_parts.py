@@ -68,7 +68,10 @@ def test_render_takes_the_longer_run_of_each_lr(parts, tmp_path):
         assert {run["method"]: run["epochs"] for run in task["seeds"]["0"]["runs"]} == dict.fromkeys(METHODS, 4)
         longer = [run["curve"] for run in runs_of(parts[1]).values()]
         assert [run["curve"] for run in task["seeds"]["0"]["runs"]] == longer
-        assert "stand in" not in (tmp_path / "joined.md").read_text()
+        assert task["prefix_differences"] == [0, 0]  # same process and threads: the shorter runs are the prefixes
+        text = (tmp_path / "joined.md").read_text()
+        assert "stand in" not in text and "ran at both lengths: over their common steps the counts differ by at " \
+            "most 0 items (0 in 2 of them" in text
 
 
 def test_a_shorter_run_stands_in_only_if_it_reached_90_percent(parts, tmp_path):

@@ -82,8 +82,10 @@ def render(paths: list[Path], methods: list[str] | None = None) -> dict:
                     position = index.get((run["method"], run["lr"]))
                     if position is None:
                         joined["runs"].append(run)
-                    elif run["epochs"] > joined["runs"][position]["epochs"]:
-                        joined["runs"][position] = run  # the longer run of the same (method, lr, seed)
+                    elif run["epochs"] != joined["runs"][position]["epochs"]:
+                        shorter, longer = sorted((run, joined["runs"][position]), key=lambda each: each["epochs"])
+                        into.setdefault("prefix_differences", []).append(prefix_difference(shorter, longer))
+                        joined["runs"][position] = longer  # the longer run of the same (method, lr, seed)
                 joined["collision"] = joined.get("collision") or outcome.get("collision", [])
     merged["tasks"] = {name: task for name, task in merged["tasks"].items() if any(
         outcome["runs"] for outcome in task["seeds"].values())}
@@ -92,6 +94,14 @@ def render(paths: list[Path], methods: list[str] | None = None) -> dict:
     for name, task in merged["tasks"].items():
         check_runs(name, task)
     return merged
+
+
+def prefix_difference(shorter: dict, longer: dict) -> int:
+    """The largest difference of any count between two runs of one (method, lr, seed) over their common steps:
+    0 when the shorter is the start of the longer, as it is when both ran with the same torch build and threads."""
+    common = {point["step"]: point for point in longer["curve"]}
+    return max(abs(point[key] - common[point["step"]][key]) for point in shorter["curve"] if point["step"] in common
+               for key in point if key != "step")
 
 
 def check_runs(name: str, task: dict) -> None:

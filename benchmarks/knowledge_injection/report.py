@@ -79,6 +79,10 @@ def describe(name: str, task: dict, seeds: list[str], methods: list[str]) -> lis
                      f"stand in for {task['epochs']}-epoch runs. Training does not depend on the epochs still to come "
                      "(constant lr, epoch e shuffled with seed + e), so every summary point is already in their "
                      "curves; their curves end earlier.")
+    if differences := task.get("prefix_differences"):
+        lines.append(f"- {len(differences)} (method, lr, seed) ran at both lengths: over their common steps the "
+                     f"counts differ by at most {max(differences)} items (0 in {differences.count(0)} of them; parts "
+                     "run with other torch thread counts round differently).")
     lines.append("- Selection at the base weights, per seed: " + "; ".join(
         f"seed {seed}: {task['seeds'][seed]['selection']['collaborative_fraction']:.1%} collaborative, CPL density "
         f"{task['seeds'][seed]['selection']['support_fraction']:.3f}" for seed in seeds) + ".")
