@@ -26,7 +26,9 @@ where both tasks' updates are "non-zero" (|dW| > tau * RMS(W), for each tau in -
 
 A full run (FULL in settings.py: 5 seeds, every default method) takes hours on 2 CPU cores, so it is run in parts
 (--seeds, --methods, one --output-md each; --resume extends a part) that --render joins; the plan and its commands
-are in benchmarks/RESULTS.md. --plan-only prints the plan and a time estimate without training anything.
+are in benchmarks/RESULTS.md. A longer budget (--epochs) needs only the runs that did not reach 90% learned in the
+shorter one: --render lets a shorter run that reached it stand in for the longer one (training does not depend on
+the epochs still to come). --plan-only prints the plan and a time estimate without training anything.
 
     python benchmarks/knowledge_injection --plan-only                 # sizes, sweeps and the time estimate
     python benchmarks/knowledge_injection --quick                     # tiny random model, synthetic data, < 1 min
