@@ -41,6 +41,17 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     tasks = task_settings(args)
     methods = [BY_NAME[name] for name in args.methods]
+    resuming = args.resume and not args.plan_only and args.output_json.is_file()
+    earlier_report = load(args.output_json) if resuming else {}
+    previous, previous_methods = earlier_report.get("tasks", {}), earlier_report.get("methods", [])
+    for task in tasks:  # before the model is built: one part holds runs of one length and one evaluation grid
+        saved = previous.get(task.name)
+        now = {"epochs": task.epochs, "eval_every": args.eval_every, "batch_size": args.batch_size}
+        if saved is not None and (differ := [key for key, value in now.items() if saved.get(key) != value]):
+            raise SystemExit(f"--resume: task {task.name} in {args.output_json} was run with "
+                             + ", ".join(f"{key} {saved.get(key)}" for key in differ) + ", this run has "
+                             + ", ".join(f"{key} {now[key]}" for key in differ) + "; resume with those settings, "
+                             "or write to another --output-json (--render joins parts of different lengths)")
     if args.quick:
         torch.set_num_threads(1)  # a tiny model gains nothing from threads, and loses a lot on a busy machine
     print("Building the model and data ...")
@@ -70,16 +81,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.plan_only:
         return report
 
-    earlier_report = load(args.output_json) if args.resume and args.output_json.is_file() else {}
-    previous, previous_methods = earlier_report.get("tasks", {}), earlier_report.get("methods", [])
-    for task in tasks:  # before any work: one part holds runs of one length and one evaluation grid
-        saved = previous.get(task.name)
-        now = {"epochs": task.epochs, "eval_every": args.eval_every, "batch_size": args.batch_size}
-        if saved is not None and (differ := [key for key, value in now.items() if saved.get(key) != value]):
-            raise SystemExit(f"--resume: task {task.name} in {args.output_json} was run with "
-                             + ", ".join(f"{key} {saved.get(key)}" for key in differ) + ", this run has "
-                             + ", ".join(f"{key} {now[key]}" for key in differ) + "; resume with those settings, "
-                             "or write to another --output-json (--render joins parts of different lengths)")
     running = {task.name for task in tasks}
     report["tasks"] = {name: task for name, task in previous.items() if name not in running}  # kept as they were
     report["methods"] = list(dict.fromkeys([*previous_methods, *report["methods"]]))
