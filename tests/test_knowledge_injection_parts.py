@@ -119,3 +119,30 @@ def test_resume_refuses_another_length_and_joins_the_sweeps(tmp_path):
     assert task["lr_grid"] == {"full-adamw": [1e-3 * SCALE, 3e-3 * SCALE], "cpl-guard": [3e-3 * SCALE]}
     assert sorted((run["method"], run["lr"]) for run in task["seeds"]["0"]["runs"]) == [
         ("cpl-guard", 3e-3 * SCALE), ("full-adamw", 1e-3 * SCALE), ("full-adamw", 3e-3 * SCALE)]
+
+
+def test_render_keeps_only_the_lrs_named_and_says_what_it_left_out(parts, tmp_path):
+    """A comparison over part of a sweep (lrs not rerun at a longer length): the rule chooses among the rest, and the
+    report names what was left out."""
+    other = json.loads(parts[1].read_text())
+    kept, left = 1e-3 * SCALE, 3e-4 * SCALE
+    task = other["tasks"]["facts"]
+    task["lr_grid"]["full-adamw"] = [left]
+    task["seeds"]["0"]["runs"] = [{**run, "lr": left} for run in task["seeds"]["0"]["runs"]
+                                  if run["method"] == "full-adamw"]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    paths = [str(parts[1]), str(tmp_path / "other.json")]
+    output = str(tmp_path / "joined.md")
+    joined = main(["--render", *paths, "--lr", f"full-adamw={kept:g}", "--output-md", output])["tasks"]["facts"]
+    assert sorted((run["method"], run["lr"]) for run in joined["seeds"]["0"]["runs"]) == [
+        ("cpl-guard", 3e-3 * SCALE), ("full-adamw", kept)]
+    assert joined["lr_grid"]["full-adamw"] == [kept] and joined["lrs_left_out"] == {"full-adamw": [left]}
+    assert f"Left out of this report (`--lr` at `--render`; the rule chose among the rest): full-adamw {left:.2g}." \
+        in (tmp_path / "joined.md").read_text()
+    whole = main(["--render", *paths, "--output-md", output])["tasks"]["facts"]
+    assert whole["lr_grid"]["full-adamw"] == [left, kept] and not whole["lrs_left_out"]
+    assert "Left out" not in (tmp_path / "joined.md").read_text()
+    with pytest.raises(SystemExit, match=r"--lr full-adamw=0\.5 names no lr of full-adamw in these reports"):
+        main(["--render", *paths, "--lr", "full-adamw=0.5", "--output-md", output])
+    with pytest.raises(SystemExit, match=r"--lr names replay, which none of these reports ran"):
+        main(["--render", *paths, "--lr", "replay=1e-4", "--output-md", output])

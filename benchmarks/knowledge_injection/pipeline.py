@@ -34,7 +34,7 @@ def split_ids(split: Split) -> dict[str, list[str]]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.render:
-        report = render(args.render, args.methods)
+        report = render(args.render, args.methods, args.lr_override)  # lrs as the reports name them
         write_report(args.output_md, report)
         print(f"Wrote {args.output_md} from {len(args.render)} saved report(s).")
         return report

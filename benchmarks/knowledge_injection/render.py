@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .analysis import AREA_UPTO, LEVELS, at_level
@@ -38,9 +39,41 @@ def keep_methods(report: dict, methods: list[str] | None) -> dict:
     return kept
 
 
-def render(paths: list[Path], methods: list[str] | None = None) -> dict:
+def keep_lrs(report: dict, lrs: dict[str, list[float]]) -> dict:
+    """Only these lrs of a method's sweep; the task records the rest as left out, so the report can say so."""
+    def kept(method: str, lr: float) -> bool:
+        return method not in lrs or any(math.isclose(lr, wanted, rel_tol=1e-9) for wanted in lrs[method])
+
+    thinned = {**report, "tasks": {}}
+    for name, task in report["tasks"].items():
+        left_out = {method: [lr for lr in grid if not kept(method, lr)] for method, grid in task["lr_grid"].items()}
+        seeds = {seed: {**outcome, "runs": [run for run in outcome["runs"] if kept(run["method"], run["lr"])]}
+                 for seed, outcome in task["seeds"].items()}
+        thinned["tasks"][name] = {
+            **task, "seeds": {seed: outcome for seed, outcome in seeds.items() if outcome["runs"]},
+            "lr_grid": {method: [lr for lr in grid if kept(method, lr)] for method, grid in task["lr_grid"].items()},
+            "lrs_left_out": {method: lrs for method, lrs in left_out.items() if lrs}}
+    return thinned
+
+
+def check_lrs_named(reports: list[dict], only_lrs: dict[str, list[float]]) -> None:
+    for method, wanted in only_lrs.items():
+        swept = {lr for report in reports for task in report["tasks"].values()
+                 for lr in task["lr_grid"].get(method, [])}
+        if not swept:
+            raise SystemExit(f"--render: --lr names {method}, which none of these reports ran (or --methods left "
+                             "it out)")
+        if unknown := [lr for lr in wanted if not any(math.isclose(lr, each, rel_tol=1e-9) for each in swept)]:
+            raise SystemExit(f"--render: --lr {method}=" + ",".join(f"{lr:g}" for lr in unknown) + " names no lr "
+                             f"of {method} in these reports (swept: {', '.join(f'{lr:g}' for lr in sorted(swept))})")
+
+
+def render(paths: list[Path], methods: list[str] | None = None,
+           only_lrs: dict[str, list[float]] | None = None) -> dict:
     """One report from several: seeds are joined, and runs of the same seed are joined by (method, lr); `methods`
-    keeps only those (a confirmation's methods out of parts that also hold screened levers).
+    keeps only those (a confirmation's methods out of parts that also hold screened levers), and `only_lrs` those
+    lrs of a method's sweep (a comparison over part of it, for instance where some lrs were not rerun longer: the
+    report names what it left out).
 
     The same seed must have the same split in every part (it does when the parts ran on the same pool and model).
     Parts may differ in length (`--epochs`): the report has the longest, and a shorter run stands in for a longer one
@@ -48,6 +81,8 @@ def render(paths: list[Path], methods: list[str] | None = None) -> dict:
     (constant lr, epoch e shuffled with seed + e), so every summary point of the longer run is already in its curve.
     """
     reports = [keep_methods(load(path), methods) for path in paths]
+    check_lrs_named(reports, only_lrs or {})
+    reports = [keep_lrs(report, only_lrs or {}) for report in reports]
     if methods is not None:
         found = {name for report in reports for name in report["methods"]}
         if missing := [name for name in methods if name not in found]:
@@ -61,13 +96,15 @@ def render(paths: list[Path], methods: list[str] | None = None) -> dict:
     merged["tasks"] = {}
     for path, report in zip(paths, reports):
         for name, task in report["tasks"].items():
-            into = merged["tasks"].setdefault(name, {**task, "seeds": {}, "lr_grid": {}})
+            into = merged["tasks"].setdefault(name, {**task, "seeds": {}, "lr_grid": {}, "lrs_left_out": {}})
             for key in ("eval_every", "batch_size"):
                 if into[key] != task[key]:
                     raise SystemExit(f"--render: {path} has {key} {task[key]}, another part {into[key]}")
             into["epochs"] = max(into["epochs"], task["epochs"])
             for method, lrs in task["lr_grid"].items():
                 into["lr_grid"][method] = sorted({*into["lr_grid"].get(method, []), *lrs})
+            for method, lrs in task["lrs_left_out"].items():
+                into["lrs_left_out"][method] = sorted({*into["lrs_left_out"].get(method, []), *lrs})
             for seed, outcome in task["seeds"].items():
                 runs = [{**run, "epochs": run.get("epochs", task["epochs"])} for run in outcome["runs"]]
                 if seed not in into["seeds"]:

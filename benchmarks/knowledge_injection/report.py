@@ -89,6 +89,9 @@ def describe(name: str, task: dict, seeds: list[str], methods: list[str]) -> lis
     lines.append("- Sweeps (fixed before any result): " + "; ".join(
         f"{method} " + ", ".join(f"{lr:.2g}" for lr in lrs) for method, lrs in task["lr_grid"].items()
         if method in methods) + ".")
+    if left_out := {method: lrs for method, lrs in task.get("lrs_left_out", {}).items() if method in methods}:
+        lines.append("- Left out of this report (`--lr` at `--render`; the rule chose among the rest): " + "; ".join(
+            f"{method} " + ", ".join(f"{lr:.2g}" for lr in lrs) for method, lrs in left_out.items()) + ".")
     return lines
 
 

@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sizes.add_argument("--eval-batch-size", type=int)
     sizes.add_argument("--lr-scale", type=float, help="multiplies every method's sweep (quick: tiny model)")
     parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR[,LR...]",
-                        help="replace a method's learning-rate sweep")
+                        help="replace a method's learning-rate sweep; with --render, keep only these lrs of it, as "
+                        "the reports name them (the report names the rest as left out)")
     parser.add_argument("--cpl-density", type=float, default=None,
                         help="cap CPL's support (default: every collaborative coordinate, as the paper)")
     parser.add_argument("--nlora-lambda", type=float, default=None,
