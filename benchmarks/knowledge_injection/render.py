@@ -39,10 +39,15 @@ def keep_methods(report: dict, methods: list[str] | None) -> dict:
     return kept
 
 
+def among(lr: float, lrs) -> bool:
+    """Whether an lr is one of these, as a float read back from JSON or typed on the command line."""
+    return any(math.isclose(lr, each, rel_tol=1e-9) for each in lrs)
+
+
 def keep_lrs(report: dict, lrs: dict[str, list[float]]) -> dict:
     """Only these lrs of a method's sweep; the task records the rest as left out, so the report can say so."""
     def kept(method: str, lr: float) -> bool:
-        return method not in lrs or any(math.isclose(lr, wanted, rel_tol=1e-9) for wanted in lrs[method])
+        return method not in lrs or among(lr, lrs[method])
 
     thinned = {**report, "tasks": {}}
     for name, task in report["tasks"].items():
@@ -63,7 +68,7 @@ def check_lrs_named(reports: list[dict], only_lrs: dict[str, list[float]]) -> No
         if not swept:
             raise SystemExit(f"--render: --lr names {method}, which none of these reports ran (or --methods left "
                              "it out)")
-        if unknown := [lr for lr in wanted if not any(math.isclose(lr, each, rel_tol=1e-9) for each in swept)]:
+        if unknown := [lr for lr in wanted if not among(lr, swept)]:
             raise SystemExit(f"--render: --lr {method}=" + ",".join(f"{lr:g}" for lr in unknown) + " names no lr "
                              f"of {method} in these reports (swept: {', '.join(f'{lr:g}' for lr in sorted(swept))})")
 
