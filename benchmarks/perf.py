@@ -341,6 +341,8 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args)))
         return
+    from peft_cpl.tuner import atomic  # here, not at the top: a worker's baseline RSS is read before peft_cpl loads
+
     results = []
     for name in args.methods:
         print(f"[perf] {name} ...", flush=True)
@@ -357,11 +359,10 @@ def main() -> None:
             raise SystemExit(f"method {name} failed")
         results.append(json.loads(lines[-1].removeprefix("RESULT ")))
         print(f"       {json.dumps({k: v for k, v in results[-1].items() if k.endswith('_s')})}", flush=True)
+        # after every method, so that a run stopped by a time limit (a lent GPU's minutes) keeps what it measured
+        atomic.write_text(args.output.with_suffix(".json"), json.dumps(results, indent=1))
     command = "python benchmarks/perf.py " + " ".join(sys.argv[1:])
     text = report(results, args, command.strip())
-    from peft_cpl.tuner import atomic  # here, not at the top: a worker's baseline RSS is read before peft_cpl loads
-
-    atomic.write_text(args.output.with_suffix(".json"), json.dumps(results, indent=1))
     atomic.write_text(args.output.with_suffix(".md"), text)
     print(text)
 

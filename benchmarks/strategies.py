@@ -2,9 +2,10 @@
 
 Strategies (one linear layer, forward + backward with gradients for the input and the delta values):
 - fold:        W + delta rebuilt (not kept) and one matmul; dense weight grad gathered to the support (the
-               library's path for fp32 bases at density >= functional.COORDINATEWISE_GRAD_BELOW)
-- additive:    base matmul + a matmul with the dense delta (the library's path for half-precision and quantized
-               bases, where W + delta would round small updates away)
+               library's path in every precision at density >= functional.COORDINATEWISE_GRAD_BELOW), with the
+               support kept as a bitmask, as 16-bit block offsets (packed.py; the "form" column says which of the
+               two the layers choose) or as an int32 index (0.1.0)
+- additive:    base matmul + a matmul with the dense delta (0.1.0's path for half-precision and quantized bases)
 - row:         whole output rows only: a small matmul with the (rows x in) block (the library's row path)
 - gather:      fold forward, but the values' gradient computed coordinate by coordinate (sum_t g[t,r] x[t,c])
                instead of a dense grad_W GEMM (the library's path below COORDINATEWISE_GRAD_BELOW, set from
@@ -53,12 +54,13 @@ def csr_linear(x, weight, indices, values, shape):
 def strategies(x, weight, indices, values, shape, rows, row_values) -> dict:
     """One forward+backward per strategy, as closures over this layer's tensors.
 
-    "fold" keeps the support as the layers do (packed.py: a bitmask or 16-bit block offsets); "fold int32" as 0.1.0
+    "fold bitmask" and "fold blocked" keep the support in the two compact forms of packed.py; "fold int32" as 0.1.0
     did, an int32 index per value.
     """
     out_features = shape[0]
     packed = P.pack(Support.of_indices(indices, shape))
-    flat = P.pack(Support.of_indices(indices, shape), form=P.FLAT)
+    bitmask, blocked, flat = (P.pack(Support.of_indices(indices, shape), form=form)
+                              for form in (P.BITMASK, P.BLOCKED, P.FLAT))
 
     def additive():
         (F.linear(x, weight) + SF.sparse_delta_linear(x, None, None, [packed], [values])).sum().backward()
@@ -70,7 +72,8 @@ def strategies(x, weight, indices, values, shape, rows, row_values) -> dict:
         SF.sparse_delta_linear(x, weight, None, [support], [values]).sum().backward()
 
     return {
-        "fold": gradient_path(0.0, fold),
+        "fold bitmask": gradient_path(0.0, lambda: fold(bitmask)),
+        "fold blocked": gradient_path(0.0, lambda: fold(blocked)),
         "fold int32": gradient_path(0.0, lambda: fold(flat)),
         "additive": gradient_path(0.0, additive),
         "row": row,
@@ -96,8 +99,9 @@ def main() -> None:
     args = parser.parse_args()
     device = args.device
     print(f"device {device}, {args.tokens} tokens, fp32, ms per forward+backward (median of {args.repeats})")
-    names = ("dense W", "fold", "fold int32", "additive", "row", "gather", "csr", "form", "index B/value")
-    header = f"{'shape':>10} {'density':>7} " + " ".join(f"{name:>10}" for name in names)
+    names = ("dense W", "fold bitmask", "fold blocked", "fold int32", "additive", "row", "gather", "csr", "form",
+             "index B/value")
+    header = f"{'shape':>10} {'density':>7} " + " ".join(f"{name:>12}" for name in names)
     print(header)
     print("-" * len(header))
     for text in args.shapes.split(","):
@@ -125,8 +129,8 @@ def main() -> None:
                     print(f"  {name} unavailable: {error}")
                     times[name] = float("nan")
             packed = P.pack(Support.of_indices(indices, shape))
-            print(f"{text:>10} {density:>7} {dense_ms:>10.2f} " + " ".join(f"{times[n]:>10.2f}" for n in runs)
-                  + f" {packed.form:>10} {packed.nbytes / count:>10.3f}")
+            print(f"{text:>10} {density:>7} {dense_ms:>12.2f} " + " ".join(f"{times[n]:>12.2f}" for n in runs)
+                  + f" {packed.form:>12} {packed.nbytes / count:>12.3f}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def test_index_bytes_prints_a_row_per_support_and_density_beside_shira():
 def test_strategies_times_every_strategy():
     text = run_script("strategies.py", "--tokens", "8", "--densities", "0.1", "--shapes", "32x16", "--repeats", "1")
     header = next(line for line in text.splitlines() if "density" in line)
-    for strategy in ("fold", "additive", "row", "gather", "csr"):
+    for strategy in ("fold bitmask", "fold blocked", "fold int32", "additive", "row", "gather", "csr"):
         assert strategy in header
     assert re.search(r"^\s*32x16\s+0\.1(\s+[\d.]+){4,}", text, re.M), text
 

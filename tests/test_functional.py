@@ -140,3 +140,24 @@ def test_sparse_delta_embedding_matches_dense():
     (out * weights).sum().backward()
     (ref * weights).sum().backward()
     torch.testing.assert_close(values.grad, dense.grad.reshape(-1)[indices])
+
+
+@pytest.mark.parametrize("density", [0.01, 0.0625, 0.1, 0.249, 0.25, 0.6])
+def test_the_default_form_is_blocked_below_a_quarter_and_a_bitmask_from_it(density):
+    numel = 3 * 2**16 + 1000  # several 16-bit blocks, the last one partial
+    indices = _support(numel, density)
+    packed = P.pack(Support.of_indices(indices, (numel // 8, 8)))
+    assert packed.form == (P.BITMASK if indices.numel() >= numel / 4 else P.BLOCKED)
+    assert packed.nbytes == P.packed_bytes(indices.numel(), numel)[packed.form]
+    assert torch.equal(P.positions(packed), indices)
+
+
+def test_blocked_positions_agree_on_the_cpu_and_the_accelerator_path():
+    """The CPU expands a blocked support with numpy; CUDA uses torch ops without a host sync. Same coordinates,
+    including empty blocks and low halves >= 2^15 (kept in an int16)."""
+    numel = 5 * 2**16
+    indices = torch.cat([torch.tensor([0, 2**15, 2**16 - 1]), torch.tensor([3 * 2**16 + 7, 5 * 2**16 - 1])])
+    indices = torch.cat([indices, _support(2**16, 0.3, seed=4) + 2**16]).unique()  # block 2 stays empty
+    packed = P.pack(Support.of_indices(indices, (numel,)), form=P.BLOCKED)
+    assert torch.equal(P._blocked_positions_numpy(packed), indices)
+    assert torch.equal(P._blocked_positions_torch(packed, indices.numel()), indices)

@@ -28,14 +28,15 @@ def optimizer_for(name: str, params, fused: bool, guard=None):
     return FusedStep(params, cls, guard=guard, **kwargs) if fused else cls(params, **kwargs), kwargs
 
 
-@pytest.mark.parametrize("granularity", ["element", "row"])
+@pytest.mark.parametrize(("granularity", "density"), [("element", 0.3), ("element", 0.1), ("row", 0.3)])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("optimizer_name", ["adamw", "sgd", "adamw8bit"])
-def test_train_state_bytes_equal_the_summed_tensor_sizes(optimizer_name, fused, granularity, monkeypatch):
+def test_train_state_bytes_equal_the_summed_tensor_sizes(optimizer_name, fused, granularity, density, monkeypatch):
+    """Density 0.3 keeps a bitmask, 0.1 a blocked support (packed.default_form)."""
     if optimizer_name == "adamw8bit":  # tiny tensors: lower bitsandbytes' 8-bit threshold so both paths occur
         monkeypatch.setattr("peft_cpl.toolkit.memory._BNB_MIN_8BIT_SIZE", 512)
     mastered, injection = conflicting_data(7)
-    model = get_peft_model(tiny_llama(0), CPLConfig(target_modules=TARGETS, support="random", density=0.3,
+    model = get_peft_model(tiny_llama(0), CPLConfig(target_modules=TARGETS, support="random", density=density,
                                                     granularity=granularity))
     guard = CollaborativeGuard(model, mastered=mastered)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -262,7 +262,7 @@ def _index_bytes(layer: nn.Module, size: int, granularity: str) -> int:
         return 8 * size // layer.delta_shape[1 - layer.output_dim]
     if form == P.FLAT:
         return size * index_dtype(numel).itemsize
-    return min(P.packed_bytes(size, numel).values())
+    return P.packed_bytes(size, numel)[P.default_form(size, numel)]
 
 
 def _value_bytes(layers: list[nn.Module]) -> int:

@@ -55,10 +55,11 @@ class CPLConfig(PeftConfig):
             dtype of the trained values ("float32", "bfloat16", "float16"). float32 keeps small updates exact on
             half-precision bases; the base weight keeps its own dtype.
         index_storage (`str`):
-            How a layer keeps an element support in memory: "compact" (a bitmask or 16-bit block offsets, whichever
-            is smaller: 0.21 bytes per trained value at density 0.6, about 2 at 0.01) or "int32" (4 bytes per value,
-            as 0.1.0 did; up to 1.4x faster per layer on CPU, where expanding the compact form costs a
-            `torch.nonzero`). Row supports always keep their row ids only; the file format is the same.
+            How a layer keeps an element support in memory: "compact" (a bitmask from density 1/4 up, 16-bit block
+            offsets below: 0.21 bytes per trained value at density 0.6, 0.42 at 0.3, about 2 below 0.25) or "int32"
+            (4 bytes per value, as 0.1.0 did; a few percent faster per layer on CPU at the bitmask's densities,
+            where expanding it reads the whole weight's bits). Row supports always keep their row ids only; the
+            file format is the same.
     """
 
     target_modules: list[str] | str | None = field(

@@ -1,14 +1,18 @@
 """A support as the layers keep it in memory: no int32 index per trained value.
 
-Whole-row supports keep their row ids only (ROWS). Element supports of linear layers take the smaller of two forms:
-- BITMASK: one bit per coordinate of the weight; values follow the flat order of the set bits. Costs
-  1 / (8 * density) bytes per trained value: 0.21 at density 0.6, 0.42 at 0.3.
-- BLOCKED: the low 16 bits of each flat coordinate (2 bytes) and, per block of 2^16 coordinates, where its values
-  start (int32): 2 bytes and a little per trained value, for sparse supports (below ~6% density).
+Whole-row supports keep their row ids only (ROWS). Element supports of linear layers take one of two forms, by
+density (`default_form`):
+- BITMASK, from density 1/4 up: one bit per coordinate of the weight; values follow the flat order of the set bits.
+  Costs 1 / (8 * density) bytes per trained value: 0.5 at density 0.25, 0.42 at 0.3, 0.21 at 0.6.
+- BLOCKED, below density 1/4: the low 16 bits of each flat coordinate (2 bytes) and, per block of 2^16 coordinates,
+  where its values start (int32): 2 bytes and a little per trained value.
 Either is expanded to flat coordinates one layer at a time, once in that layer's forward and once in its backward,
-and freed there. On the CPU a bitmask is expanded by numpy (`unpackbits`, then `flatnonzero`): with it "fold" took
-1.01-1.18x the time of "fold int32" in `benchmarks/strategies.py`, against 1.2-1.45x with `torch.nonzero`. On an
-accelerator it is expanded by `nonzero_static` (no host sync).
+and freed there. The threshold is a trade of memory for time: a bitmask is smaller from density 1/16, but expanding
+it reads every coordinate of the weight (numpy `unpackbits`, then `flatnonzero`, on the CPU), while a blocked
+support expands at the cost of an int32 -> int64 copy (numpy `repeat` on the CPU); at 10% density the bitmask made
+"fold" 1.09-1.18x slower than an int32 index in `benchmarks/strategies.py`. From 1/4 up the bitmask costs at most
+0.5 bytes per value, what the 12.5 (AdamW) and 6.5 (AdamW8bit) bytes-per-value budgets of the fused step leave for
+the index. On an accelerator both expand without a host sync (`nonzero_static`, `repeat_interleave` with its size).
 Element supports of embeddings, and all element supports with `CPLConfig(index_storage="int32")`, keep plain flat
 coordinates (FLAT, int32; int64 beyond 2^31 coordinates): an embedding's delta is looked up per token, which needs
 the coordinates themselves.
@@ -52,16 +56,23 @@ def packed_bytes(count: int, numel: int) -> dict[str, int]:
     return {BITMASK: math.ceil(numel / 8), BLOCKED: 2 * count + 4 * (math.ceil(numel / 2**BLOCK_BITS) + 1)}
 
 
+BITMASK_FROM_DENSITY = 0.25
+
+
+def default_form(count: int, numel: int) -> str:
+    """The compact form of an element support of `count` coordinates in a weight of `numel` (see the module doc)."""
+    return BITMASK if count >= BITMASK_FROM_DENSITY * numel else BLOCKED
+
+
 def pack(support: Support, form: str | None = None) -> PackedSupport:
-    """The in-memory form of a support: its rows, else `form`, by default the smaller of BITMASK and BLOCKED."""
+    """The in-memory form of a support: its rows, else `form`, by default `default_form`'s."""
     device, shape, numel = support.indices.device, support.shape, math.prod(support.shape)
     none = torch.zeros(0, dtype=torch.int32, device=device)
     if support.rows is not None:
         return PackedSupport(ROWS, support.rows.to(torch.int64, copy=True), none, shape, support.output_dim)
     indices = support.indices.to(torch.int64)
     if form is None:
-        sizes = packed_bytes(indices.numel(), numel)
-        form = BITMASK if sizes[BITMASK] <= sizes[BLOCKED] else BLOCKED
+        form = default_form(indices.numel(), numel)
     if form == FLAT:
         return PackedSupport(FLAT, indices.to(index_dtype(numel), copy=True), none, shape)
     if form == BITMASK:
@@ -109,9 +120,24 @@ def positions(packed: PackedSupport, count: int | None = None) -> torch.Tensor:
         if count is not None:
             return torch.nonzero_static(bits, size=count).squeeze(1)
         return torch.nonzero(bits).squeeze(1)
+    if packed.codes.device.type == "cpu":
+        return _blocked_positions_numpy(packed)
+    return _blocked_positions_torch(packed, size(packed) if count is None else count)
+
+
+def _blocked_positions_numpy(packed: PackedSupport) -> torch.Tensor:
+    """On the CPU: as fast as widening an int32 index (torch's `repeat_interleave` took twice as long)."""
+    starts = packed.starts.numpy()
+    high = np.repeat(np.arange(starts.size - 1, dtype=np.int64) << BLOCK_BITS, np.diff(starts))
+    high += packed.codes.numpy().view(np.uint16)
+    return torch.from_numpy(high)
+
+
+def _blocked_positions_torch(packed: PackedSupport, count: int) -> torch.Tensor:
     counts = (packed.starts[1:] - packed.starts[:-1]).to(torch.int64)
-    blocks = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    return (blocks << BLOCK_BITS) + (packed.codes.to(torch.int64) & (2**BLOCK_BITS - 1))
+    blocks = torch.arange(counts.numel(), device=counts.device) << BLOCK_BITS
+    high = torch.repeat_interleave(blocks, counts, output_size=count)
+    return high + (packed.codes.to(torch.int64) & (2**BLOCK_BITS - 1))
 
 
 def expanded(packed: PackedSupport, count: int | None = None) -> PackedSupport:
