@@ -42,7 +42,8 @@ METHODS = {
     "shira-r104": {"kind": "shira", "r": 104},  # ~ as many as CPL at density 0.3
     **{f"cpl-e{d}": {"kind": "cpl", "density": d, "granularity": "element"} for d in (0.01, 0.1, 0.3, 0.5)},
     **{f"cpl-r{d}": {"kind": "cpl", "density": d, "granularity": "row"} for d in (0.01, 0.1, 0.3, 0.5)},
-    "cpl-e0.3+guard": {"kind": "cpl", "density": 0.3, "granularity": "element", "guard": True},
+    **{f"cpl-{g[0]}{d}+guard": {"kind": "cpl", "density": d, "granularity": g, "guard": True}
+       for d in (0.05, 0.3, 0.6) for g in ("element", "row")},
     "cpl-e0.6": {"kind": "cpl", "density": 0.6, "granularity": "element"},  # the paper's density
     "cpl-e0.6-int32": {"kind": "cpl", "density": 0.6, "granularity": "element", "index_storage": "int32"},
     "cpl-e0.6-fused": {"kind": "cpl", "density": 0.6, "granularity": "element", "fused": True},
