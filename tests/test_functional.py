@@ -154,7 +154,7 @@ def test_the_default_form_is_blocked_below_a_quarter_and_a_bitmask_from_it(densi
 
 def test_blocked_positions_agree_on_the_cpu_and_the_accelerator_path():
     """The CPU expands a blocked support with numpy; CUDA uses torch ops without a host sync. Same coordinates,
-    including empty blocks and low halves >= 2^15 (kept in an int16)."""
+    including empty blocks and low halves >= 2^15 (kept as two bytes each)."""
     numel = 5 * 2**16
     indices = torch.cat([torch.tensor([0, 2**15, 2**16 - 1]), torch.tensor([3 * 2**16 + 7, 5 * 2**16 - 1])])
     indices = torch.cat([indices, _support(2**16, 0.3, seed=4) + 2**16]).unique()  # block 2 stays empty

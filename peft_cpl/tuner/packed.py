@@ -4,8 +4,9 @@ Whole-row supports keep their row ids only (ROWS). Element supports of linear la
 density (`default_form`):
 - BITMASK, from density 1/4 up: one bit per coordinate of the weight; values follow the flat order of the set bits.
   Costs 1 / (8 * density) bytes per trained value: 0.5 at density 0.25, 0.42 at 0.3, 0.21 at 0.6.
-- BLOCKED, below density 1/4: the low 16 bits of each flat coordinate (2 bytes) and, per block of 2^16 coordinates,
-  where its values start (int32): 2 bytes and a little per trained value.
+- BLOCKED, below density 1/4: the low 16 bits of each flat coordinate (2 bytes, kept as two uint8, a dtype that
+  DDP's collectives broadcast) and, per block of 2^16 coordinates, where its values start (int32): 2 bytes and a
+  little per trained value.
 Either is expanded to flat coordinates one layer at a time, once in that layer's forward and once in its backward,
 and freed there. The threshold is a trade of memory for time: a bitmask is smaller from density 1/16, but expanding
 it reads every coordinate of the weight (numpy `unpackbits`, then `flatnonzero`, on the CPU), while a blocked
@@ -33,8 +34,8 @@ BLOCK_BITS = 16
 
 
 class PackedSupport(NamedTuple):
-    """`codes`: flat coordinates (FLAT), bits (BITMASK), low 16 bits (BLOCKED) or row ids (ROWS); `starts`: where
-    each block's values start (BLOCKED only, else empty)."""
+    """`codes`: flat coordinates (FLAT), bits (BITMASK), low 16 bits as byte pairs (BLOCKED) or row ids (ROWS);
+    `starts`: where each block's values start (BLOCKED only, else empty)."""
 
     form: str
     codes: torch.Tensor
@@ -83,8 +84,9 @@ def pack(support: Support, form: str | None = None) -> PackedSupport:
         return PackedSupport(BITMASK, codes, none, shape)
     boundaries = torch.arange(0, math.ceil(numel / 2**BLOCK_BITS) + 1, device=device) << BLOCK_BITS
     starts = torch.searchsorted(indices, boundaries).to(torch.int32)
-    low = (indices & (2**BLOCK_BITS - 1)).to(torch.int32)
-    codes = torch.where(low >= 2**15, low - 2**BLOCK_BITS, low).to(torch.int16)  # uint16 kept in an int16
+    low = indices & (2**BLOCK_BITS - 1)
+    # each 16-bit offset as two bytes, low byte first: collectives (gloo, NCCL) broadcast uint8 buffers, not int16
+    codes = torch.stack([low & 0xFF, low >> 8], dim=1).to(torch.uint8).view(-1)
     return PackedSupport(BLOCKED, codes, starts, shape)
 
 
@@ -129,7 +131,7 @@ def _blocked_positions_numpy(packed: PackedSupport) -> torch.Tensor:
     """On the CPU: as fast as widening an int32 index (torch's `repeat_interleave` took twice as long)."""
     starts = packed.starts.numpy()
     high = np.repeat(np.arange(starts.size - 1, dtype=np.int64) << BLOCK_BITS, np.diff(starts))
-    high += packed.codes.numpy().view(np.uint16)
+    high += packed.codes.numpy().view("<u2")
     return torch.from_numpy(high)
 
 
@@ -137,7 +139,8 @@ def _blocked_positions_torch(packed: PackedSupport, count: int) -> torch.Tensor:
     counts = (packed.starts[1:] - packed.starts[:-1]).to(torch.int64)
     blocks = torch.arange(counts.numel(), device=counts.device) << BLOCK_BITS
     high = torch.repeat_interleave(blocks, counts, output_size=count)
-    return high + (packed.codes.to(torch.int64) & (2**BLOCK_BITS - 1))
+    pairs = packed.codes.view(-1, 2).to(torch.int64)
+    return high + pairs[:, 0] + (pairs[:, 1] << 8)
 
 
 def expanded(packed: PackedSupport, count: int | None = None) -> PackedSupport:
