@@ -185,7 +185,7 @@ def measure_step_peak(step: Callable[[], object], device: str | torch.device = "
 
     On CUDA, torch.cuda.max_memory_allocated. On the CPU, where peak RSS also counts what the C heap keeps after a
     free, the tensors alive before the step plus the running sum of the allocations and frees torch's profiler
-    records during it. Memory allocated outside torch (numpy, which expands bitmask supports on the CPU one layer
+    records during it. Memory allocated outside torch (numpy, which expands compact supports on the CPU one layer
     at a time) is not seen.
     """
     gc.collect()
