@@ -128,9 +128,9 @@ def main() -> None:
                 except RuntimeError as error:  # e.g. sparse kernels missing on a backend
                     print(f"  {name} unavailable: {error}")
                     times[name] = float("nan")
-            packed = P.pack(Support.of_indices(indices, shape))
+            form = P.default_form(count, weight.numel())  # the layers' choice, and its bytes
             print(f"{text:>10} {density:>7} {dense_ms:>12.2f} " + " ".join(f"{times[n]:>12.2f}" for n in runs)
-                  + f" {packed.form:>12} {packed.nbytes / count:>12.3f}")
+                  + f" {form:>12} {P.packed_bytes(count, weight.numel())[form] / count:>12.3f}")
 
 
 if __name__ == "__main__":
