@@ -81,7 +81,8 @@ def test_markdown_has_the_ci_tables_and_a_row_per_method(outputs):
         chosen = section.split("### Each method at its chosen learning rate")[1].split("###")[0]
         for method in METHODS:
             assert f"\n| {method} |" in chosen, (task, method)
-        assert "### Paired difference to full-adamw" in section and "### Paired difference to lora" in section
+        for baseline in ("full-adamw", "lora", "replay", "cpl", "cpl-guard"):  # each baseline present is paired
+            assert f"### Paired difference to {baseline} " in section, (task, baseline)
         assert "### In plain words" in section and "Screening only: 2 seed(s)" in section
         assert f"ki_{task}.png" in section
 

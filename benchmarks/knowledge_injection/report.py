@@ -18,7 +18,7 @@ from .analysis import LEVELS, METRICS, at_level, chosen_run, mean_ci, paired, se
 from .methods import METHODS
 from .settings import ROOT
 
-BASELINES = ("full-adamw", "lora", "replay", "cpl", "cpl-d0.05")  # paired tables against each one present
+BASELINES = ("full-adamw", "lora", "replay", "cpl", "cpl-guard", "cpl-d0.05")  # paired tables against each present
 ANSWERED_BY_ALL = ("full-adamw", "lora")  # plain-words answers for every method; against the others, CPL's family
 SUMMARY_KEYS = [f"forgotten_out@{level:g}" for level in LEVELS] + ["forgotten_in@0.9", "area_forgotten_out",
                                                                      "area_forgotten_in"]
